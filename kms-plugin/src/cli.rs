@@ -1,0 +1,394 @@
+//! The command line: `serve`, `key ...` and `demo`. Every flag can also come from an
+//! environment variable (shown in `--help`) or the TOML file given by `--config`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::backend::{self, BackendKind};
+use crate::config::{FileConfig, LogFormat, ServeConfig, ServeOverrides, StoreConfig};
+use crate::grpc::v2::StatusVersion;
+use crate::keyadmin;
+use crate::keystore::{KeyState, KeyStore};
+use crate::{defaults, server};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kms-plugin",
+    version,
+    about = "Kubernetes KMS v2 plugin: envelope-encrypts the apiserver's DEK seeds with keys sealed to the node's TPM",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// TOML config file; flags and environment variables override what it says.
+    #[arg(long, global = true, env = "KMS_PLUGIN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "KMS_PLUGIN_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter: error, warn, info, debug, or a tracing directive list.
+    #[arg(long, global = true, env = "KMS_PLUGIN_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the KMS v2 (and v1beta1) API on a Unix socket.
+    Serve(ServeArgs),
+    /// Administer the key ring: init, rotate, stage, promote, retire, list.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Run the plugin on an embedded default: a temporary key store with the INSECURE
+    /// software backend. Prints the socket and an EncryptionConfiguration to use with it.
+    Demo(DemoArgs),
+}
+
+/// Where the keys live and what seals them.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Key store directory.
+    #[arg(long, env = "KMS_PLUGIN_KEY_STORE", value_name = "DIR")]
+    pub key_store: Option<PathBuf>,
+    /// What seals the KEKs: `tpm` (production) or `insecure-software` (development).
+    #[arg(long, env = "KMS_PLUGIN_BACKEND", value_enum)]
+    pub backend: Option<BackendKind>,
+    /// Root key file of the insecure-software backend [default: DIR/insecure-software-root.key].
+    #[arg(long, env = "KMS_PLUGIN_INSECURE_ROOT_KEY", value_name = "FILE")]
+    pub insecure_root_key: Option<PathBuf>,
+    /// TPM connection (tpm backend) [default: device:/dev/tpmrm0].
+    #[arg(long, env = "KMS_PLUGIN_TCTI", value_name = "TCTI")]
+    pub tcti: Option<String>,
+}
+
+/// Commands that only read or relabel the manifest need no backend.
+#[derive(Debug, Clone, Args)]
+pub struct StoreDirArg {
+    /// Key store directory.
+    #[arg(long, env = "KMS_PLUGIN_KEY_STORE", value_name = "DIR")]
+    pub key_store: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Unix socket to serve on [default: /var/run/edgeseal/kms.sock].
+    #[arg(long, env = "KMS_PLUGIN_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Socket file mode, octal [default: 0600]. 0660 with --socket-group for a non-root apiserver.
+    #[arg(long, env = "KMS_PLUGIN_SOCKET_MODE", value_name = "MODE")]
+    pub socket_mode: Option<String>,
+    /// Group owning the socket (name or gid).
+    #[arg(long, env = "KMS_PLUGIN_SOCKET_GROUP", value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// HTTP listener for /healthz, /readyz, /metrics [default: 127.0.0.1:8095]; "off" disables it.
+    #[arg(long, env = "KMS_PLUGIN_HTTP_ADDR", value_name = "HOST:PORT")]
+    pub http_addr: Option<String>,
+    /// How often to look for key store changes made by `kms-plugin key` [default: 5s].
+    #[arg(long, env = "KMS_PLUGIN_RELOAD_INTERVAL", value_name = "DURATION")]
+    pub reload_interval: Option<String>,
+    /// Rotate automatically when the active key is this old (e.g. 30d); off by default.
+    #[arg(long, env = "KMS_PLUGIN_ROTATE_EVERY", value_name = "DURATION")]
+    pub rotate_every: Option<String>,
+    /// `version` reported by Status: v2 (1.29+) or v2beta1 (1.27 and 1.28) [default: v2].
+    #[arg(long, env = "KMS_PLUGIN_STATUS_VERSION", value_enum)]
+    pub status_version: Option<StatusVersion>,
+    /// Also serve the deprecated v1beta1 API on the same socket [default: true].
+    #[arg(long, env = "KMS_PLUGIN_V1BETA1", value_name = "BOOL")]
+    pub v1beta1: Option<bool>,
+    /// Create the key store with a first key if it does not exist yet.
+    #[arg(long, env = "KMS_PLUGIN_AUTO_INIT", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub auto_init: Option<bool>,
+    /// How long to let in-flight requests finish after SIGTERM [default: 10s].
+    #[arg(long, env = "KMS_PLUGIN_DRAIN_TIMEOUT", value_name = "DURATION")]
+    pub drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create the key store and its first, active key.
+    Init(StoreArgs),
+    /// Add a new key and make it active at once; the old key stays for Decrypt.
+    /// On a multi-node control plane use `key add` + `key promote` instead.
+    Rotate(StoreArgs),
+    /// Add a new key as decrypt-only (phase one of a two-phase rotation).
+    Add(StoreArgs),
+    /// Make a decrypt-only key the active one (phase two); the old key stays for Decrypt.
+    Promote {
+        #[command(flatten)]
+        store: StoreDirArg,
+        /// The key to promote.
+        key_id: String,
+    },
+    /// Stop using a key for Decrypt (run a storage migration first). Refuses the active key.
+    Retire {
+        #[command(flatten)]
+        store: StoreDirArg,
+        /// The key to retire.
+        key_id: String,
+    },
+    /// Bring a retired key back for Decrypt.
+    Reinstate {
+        #[command(flatten)]
+        store: StoreDirArg,
+        /// The key to reinstate.
+        key_id: String,
+    },
+    /// List the keys, their states and encryption counters.
+    List {
+        #[command(flatten)]
+        store: StoreDirArg,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: OutputFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Directory for the demo key store and socket [default: a new temporary directory].
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// HTTP listener for probes and metrics.
+    #[arg(long, default_value = defaults::HTTP_ADDR, value_name = "HOST:PORT")]
+    pub http_addr: String,
+}
+
+impl Cli {
+    /// The file config, read once for the logging settings and the command.
+    pub fn file_config(&self) -> anyhow::Result<FileConfig> {
+        Ok(FileConfig::load(self.config.as_deref())?)
+    }
+}
+
+fn store_config(a: StoreArgs, file: &FileConfig) -> anyhow::Result<StoreConfig> {
+    Ok(StoreConfig::resolve(a.key_store, a.backend, a.insecure_root_key, a.tcti, file)?)
+}
+
+fn store_dir(a: StoreDirArg, file: &FileConfig) -> KeyStore {
+    KeyStore::new(
+        a.key_store
+            .or_else(|| file.key_store.clone())
+            .unwrap_or_else(|| PathBuf::from(defaults::KEY_STORE)),
+    )
+}
+
+/// Runs a parsed command.
+pub async fn run(cli: Cli, file: FileConfig) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(a) => {
+            let store = store_config(a.store, &file)?;
+            let overrides = ServeOverrides {
+                socket: a.socket,
+                socket_mode: a.socket_mode,
+                socket_group: a.socket_group,
+                http_addr: a.http_addr,
+                reload_interval: a.reload_interval,
+                rotate_every: a.rotate_every,
+                status_version: a.status_version,
+                v1beta1: a.v1beta1,
+                auto_init: a.auto_init,
+                drain_timeout: a.drain_timeout,
+            };
+            server::run(ServeConfig::resolve(store, overrides, &file)?).await
+        }
+        Command::Key(k) => tokio::task::spawn_blocking(move || key(k, &file)).await?,
+        Command::Demo(a) => demo(a).await,
+    }
+}
+
+fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        KeyCommand::Init(a) => {
+            let cfg = store_config(a, file)?;
+            let backend = backend::open(&cfg, true)?;
+            warn_if_insecure(cfg.backend);
+            let id = keyadmin::init(&KeyStore::new(&cfg.key_store), backend.as_ref())?;
+            writeln!(out, "{id}")?;
+            eprintln!("initialized key store {} with active key {id}", cfg.key_store.display());
+        }
+        KeyCommand::Rotate(a) => {
+            let cfg = store_config(a, file)?;
+            let backend = backend::open(&cfg, false)?;
+            let id = keyadmin::add(&KeyStore::new(&cfg.key_store), backend.as_ref(), KeyState::Active)?;
+            writeln!(out, "{id}")?;
+            eprintln!(
+                "key {id} is now active; the previous key stays for Decrypt. A running plugin picks \
+                 this up within its reload interval (or at once on SIGHUP)."
+            );
+        }
+        KeyCommand::Add(a) => {
+            let cfg = store_config(a, file)?;
+            let backend = backend::open(&cfg, false)?;
+            let id =
+                keyadmin::add(&KeyStore::new(&cfg.key_store), backend.as_ref(), KeyState::DecryptOnly)?;
+            writeln!(out, "{id}")?;
+            eprintln!("key {id} added as decrypt-only; promote it with `kms-plugin key promote {id}` once every node has it");
+        }
+        KeyCommand::Promote { store, key_id } => {
+            keyadmin::promote(&store_dir(store, file), &key_id)?;
+            eprintln!("key {key_id} is now active; the previous key stays for Decrypt");
+        }
+        KeyCommand::Retire { store, key_id } => {
+            keyadmin::retire(&store_dir(store, file), &key_id)?;
+            eprintln!("key {key_id} is retired: data still encrypted under it can no longer be read until it is reinstated");
+        }
+        KeyCommand::Reinstate { store, key_id } => {
+            keyadmin::reinstate(&store_dir(store, file), &key_id)?;
+            eprintln!("key {key_id} is back as decrypt-only");
+        }
+        KeyCommand::List { store, output } => {
+            let store = store_dir(store, file);
+            let m = store.load()?;
+            let listing = Listing {
+                key_store: store.dir().display().to_string(),
+                backend: m.backend.kind,
+                backend_fingerprint: m.backend.fingerprint.clone(),
+                generation: m.generation,
+                active_key_id: m.active().map(|k| k.id.to_string()),
+                keys: m
+                    .keys
+                    .iter()
+                    .map(|k| ListedKey {
+                        id: k.id.to_string(),
+                        serial: k.serial,
+                        state: k.state,
+                        created_at: fmt_time(k.created_at),
+                        state_changed_at: fmt_time(k.state_changed_at),
+                        encryptions_reserved: k.encryptions_reserved,
+                        check_value: k.check_value.clone(),
+                    })
+                    .collect(),
+            };
+            match output {
+                OutputFormat::Json => {
+                    serde_json::to_writer_pretty(&mut out, &listing)?;
+                    writeln!(out)?;
+                }
+                OutputFormat::Table => listing.print_table(&mut out)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fmt_time(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+fn warn_if_insecure(kind: BackendKind) {
+    if kind == BackendKind::InsecureSoftware {
+        eprintln!(
+            "WARNING: insecure-software backend: keys are wrapped by a root key file on disk. \
+             Development and CI only; use --backend tpm in production."
+        );
+    }
+}
+
+#[derive(Serialize)]
+struct Listing {
+    key_store: String,
+    backend: BackendKind,
+    backend_fingerprint: String,
+    generation: u64,
+    active_key_id: Option<String>,
+    keys: Vec<ListedKey>,
+}
+
+#[derive(Serialize)]
+struct ListedKey {
+    id: String,
+    serial: u64,
+    state: KeyState,
+    created_at: String,
+    state_changed_at: String,
+    encryptions_reserved: u64,
+    check_value: String,
+}
+
+impl Listing {
+    fn print_table(&self, out: &mut impl Write) -> std::io::Result<()> {
+        writeln!(out, "key store: {} (backend {}, {})", self.key_store, self.backend, self.backend_fingerprint)?;
+        let w = self.keys.iter().map(|k| k.id.len()).max().unwrap_or(6).max(6);
+        writeln!(out, "{:<w$}  {:<12}  {:<20}  {:>11}", "KEY ID", "STATE", "CREATED", "ENCRYPTIONS")?;
+        for k in &self.keys {
+            writeln!(
+                out,
+                "{:<w$}  {:<12}  {:<20}  {:>11}",
+                k.id,
+                k.state.as_str(),
+                k.created_at,
+                k.encryptions_reserved
+            )?;
+        }
+        Ok(())
+    }
+}
+
+async fn demo(a: DemoArgs) -> anyhow::Result<()> {
+    let (dir, _temp) = match a.dir {
+        Some(d) => (d, None),
+        None => {
+            let t = tempfile::Builder::new().prefix("kms-plugin-demo-").tempdir()?;
+            (t.path().to_owned(), Some(t))
+        }
+    };
+    let dir = std::path::absolute(&dir).context("resolving the demo directory")?;
+    let store = StoreConfig::resolve(
+        Some(dir.join("keys")),
+        Some(BackendKind::InsecureSoftware),
+        None,
+        None,
+        &FileConfig::default(),
+    )?;
+    let socket = dir.join("kms.sock");
+    let overrides = ServeOverrides {
+        socket: Some(socket.clone()),
+        http_addr: Some(a.http_addr),
+        auto_init: Some(true),
+        ..Default::default()
+    };
+    let cfg = ServeConfig::resolve(store, overrides, &FileConfig::default())?;
+    println!(
+        "kms-plugin demo (INSECURE software backend, for trying things out)\n\
+         key store: {}\n\
+         socket:    {}\n\n\
+         Point kube-apiserver at it with --encryption-provider-config=<this file>:\n\n{}\n\
+         Stop with Ctrl-C; the temporary directory is removed then.\n",
+        dir.join("keys").display(),
+        socket.display(),
+        encryption_configuration(&socket)
+    );
+    server::run(cfg).await
+}
+
+/// An EncryptionConfiguration for a socket, as the demo prints it.
+pub fn encryption_configuration(socket: &std::path::Path) -> String {
+    format!(
+        "apiVersion: apiserver.config.k8s.io/v1\n\
+         kind: EncryptionConfiguration\n\
+         resources:\n\
+         \x20 - resources: [secrets]\n\
+         \x20   providers:\n\
+         \x20     - kms:\n\
+         \x20         apiVersion: v2\n\
+         \x20         name: {}\n\
+         \x20         endpoint: unix://{}\n\
+         \x20         timeout: 3s\n\
+         \x20     - identity: {{}}\n",
+        defaults::PROVIDER_NAME,
+        socket.display()
+    )
+}

@@ -1,0 +1,17 @@
+//! Structured logs on stderr, text or JSON. Nothing secret is ever a field: requests are
+//! logged by uid and key id only.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(filter)
+        .map_err(|e| anyhow::anyhow!("log level {filter:?} is not a valid filter: {e}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
+}

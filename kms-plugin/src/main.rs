@@ -1,0 +1,28 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use kms_plugin::cli::Cli;
+use kms_plugin::config::LogFormat;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kms-plugin: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let file = cli.file_config()?;
+    let format = cli.log_format.or(file.log_format).unwrap_or(LogFormat::Text);
+    let level = cli.log_level.clone().or_else(|| file.log_level.clone()).unwrap_or_else(|| "info".into());
+    kms_plugin::logging::init(format, &level)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(kms_plugin::cli::run(cli, file))
+}

@@ -1,0 +1,163 @@
+//! Prometheus metrics of the plugin, served on the HTTP listener's `/metrics`.
+//! Labels carry operation names, status codes and public key ids only.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::keyring::KeyRing;
+use crate::keystore::KeyState;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Api {
+    v2,
+    v1beta1,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Op {
+    status,
+    encrypt,
+    decrypt,
+    version,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub api: Api,
+    pub op: Op,
+    /// gRPC status code name, e.g. `Ok`, `InvalidArgument`.
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabel {
+    key_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs .. ~1.3 s
+    Histogram::new(exponential_buckets(0.000_01, 2.0, 18))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<OpLabels, Counter>,
+    latency: Family<OpLabels, Histogram, fn() -> Histogram>,
+    active_key: Family<KeyLabel, Gauge>,
+    keys: Family<StateLabel, Gauge>,
+    rotations: Counter,
+    reloads: Family<ResultLabel, Counter>,
+    active_key_encryptions: Gauge,
+    backend_healthy: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kms_plugin");
+        let requests = Family::<OpLabels, Counter>::default();
+        let latency =
+            Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let active_key = Family::<KeyLabel, Gauge>::default();
+        let keys = Family::<StateLabel, Gauge>::default();
+        let rotations = Counter::default();
+        let reloads = Family::<ResultLabel, Counter>::default();
+        let active_key_encryptions = Gauge::default();
+        let backend_healthy = Gauge::default();
+        registry.register("requests", "KMS gRPC requests by API, operation and status code", requests.clone());
+        registry.register(
+            "request_duration_seconds",
+            "KMS gRPC request latency by API, operation and status code",
+            latency.clone(),
+        );
+        registry.register("active_key", "The key id Encrypt uses now (value is always 1)", active_key.clone());
+        registry.register("keys", "Keys in the key store by state", keys.clone());
+        registry.register("key_rotations", "Changes of the active key seen by this process", rotations.clone());
+        registry.register("keyring_reloads", "Key ring reloads by result", reloads.clone());
+        registry.register(
+            "active_key_encryptions",
+            "Encryptions counted (reserved) under the active key; rotate well before 2^31",
+            active_key_encryptions.clone(),
+        );
+        registry.register(
+            "backend_healthy",
+            "1 when the key backend (TPM) answers, 0 when it does not (rotation impossible)",
+            backend_healthy.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            active_key,
+            keys,
+            rotations,
+            reloads,
+            active_key_encryptions,
+            backend_healthy,
+        }
+    }
+
+    pub fn observe(&self, api: Api, op: Op, code: tonic::Code, seconds: f64) {
+        let labels = OpLabels { api, op, code: format!("{code:?}") };
+        self.requests.get_or_create(&labels).inc();
+        self.latency.get_or_create(&labels).observe(seconds);
+    }
+
+    /// Updates the key gauges after a (re)load; counts a rotation when the active key changed.
+    pub fn ring_loaded(&self, ring: &KeyRing, active_changed: bool) {
+        self.active_key.clear();
+        if let Some(a) = ring.active() {
+            self.active_key.get_or_create(&KeyLabel { key_id: a.id.to_string() }).set(1);
+            self.active_key_encryptions.set(i64::try_from(a.used()).unwrap_or(i64::MAX));
+        }
+        for state in [KeyState::Active, KeyState::DecryptOnly, KeyState::Retired] {
+            let n = i64::try_from(ring.count(state)).unwrap_or(i64::MAX);
+            self.keys.get_or_create(&StateLabel { state: state.as_str() }).set(n);
+        }
+        if active_changed {
+            self.rotations.inc();
+        }
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub fn set_active_key_encryptions(&self, used: u64) {
+        self.active_key_encryptions.set(i64::try_from(used).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_backend_healthy(&self, healthy: bool) {
+        self.backend_healthy.set(i64::from(healthy));
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

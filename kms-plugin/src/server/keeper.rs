@@ -1,0 +1,129 @@
+//! Keeps the in-memory key ring in step with the key store: picks up rotations made by
+//! the CLI (every reload interval and on SIGHUP), reserves encryption counters ahead of
+//! use, rotates automatically when asked to, and watches the backend's health.
+//! All of it runs off the request path.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::Shared;
+use crate::keyadmin;
+use crate::keyring::{KeyRing, RESERVATION_BLOCK, SOFT_ENCRYPTION_LIMIT};
+use crate::keystore::{KeyState, KeyStoreError};
+
+/// Loads the key store into a ring and reserves encryptions for its active key before
+/// anyone can use it. Blocking (file I/O, backend calls).
+pub fn load_ring(shared: &Shared, previous: Option<&KeyRing>) -> Result<KeyRing, KeyStoreError> {
+    let manifest = shared.store.load()?;
+    shared.backend.verify_identity(&manifest.backend)?;
+    let mut ring = KeyRing::load(&manifest, shared.backend.as_ref(), previous)?;
+    if let Some(active) = ring.active() {
+        if active.wants_reservation() {
+            let id = active.id.clone();
+            let used = active.used();
+            let (range, after) = shared
+                .store
+                .update(|m| Ok(m.reserve(id.as_str(), used, RESERVATION_BLOCK)?))?;
+            active.grant(range.0, range.1);
+            // Our own write is the only change since we loaded: the ring still matches.
+            if after.generation == manifest.generation + 1 {
+                ring.set_generation(after.generation);
+            }
+        }
+    }
+    Ok(ring)
+}
+
+/// One pass: reload if the store changed, top up the reservation, rotate if due,
+/// check the backend. Blocking.
+pub fn refresh(shared: &Shared, rotate_every: Option<Duration>) {
+    let current = shared.kms.ring();
+    reload_if_changed(shared, &current);
+
+    if let Some(every) = rotate_every {
+        if let Err(e) = rotate_if_due(shared, every) {
+            tracing::error!(error = %e, "automatic rotation failed; the current key stays active");
+        }
+    }
+
+    let healthy = match shared.backend.health() {
+        Ok(()) => true,
+        Err(e) => {
+            if shared.backend_healthy.load(Ordering::Relaxed) {
+                tracing::error!(error = %e, "key backend became unavailable: serving with the keys in memory; rotation is impossible until it is back");
+            }
+            false
+        }
+    };
+    shared.backend_healthy.store(healthy, Ordering::Relaxed);
+    shared.metrics.set_backend_healthy(healthy);
+}
+
+fn reload_if_changed(shared: &Shared, current: &Arc<KeyRing>) {
+    let wants_reservation = current.active().is_some_and(|a| a.wants_reservation());
+    let generation = match shared.store.load() {
+        Ok(m) => m.generation,
+        Err(e) => {
+            shared.metrics.reload(false);
+            tracing::error!(error = %e, "cannot read the key store; still serving with the keys in memory");
+            return;
+        }
+    };
+    if generation == current.generation() && !wants_reservation {
+        if let Some(a) = current.active() {
+            shared.metrics.set_active_key_encryptions(a.used());
+        }
+        return;
+    }
+    match load_ring(shared, Some(current)) {
+        Ok(ring) => {
+            let before = current.active().map(|a| a.id.clone());
+            let after = ring.active().map(|a| a.id.clone());
+            let changed = before != after;
+            shared.metrics.ring_loaded(&ring, changed);
+            shared.metrics.reload(true);
+            if changed {
+                tracing::info!(
+                    key_id = after.as_ref().map(|k| k.as_str()).unwrap_or(""),
+                    previous_key_id = before.as_ref().map(|k| k.as_str()).unwrap_or(""),
+                    decrypt_only = ring.count(KeyState::DecryptOnly),
+                    "active key changed: Encrypt now uses the new key, older keys still decrypt"
+                );
+            } else if generation != current.generation() {
+                tracing::info!(generation, "key store changed; key ring reloaded");
+            }
+            shared.kms.install(ring);
+        }
+        Err(e) => {
+            shared.metrics.reload(false);
+            tracing::error!(error = %e, "reloading the key store failed; still serving with the previous key ring");
+        }
+    }
+}
+
+fn rotate_if_due(shared: &Shared, every: Duration) -> Result<(), KeyStoreError> {
+    let manifest = shared.store.load()?;
+    let Some(active) = manifest.active() else { return Ok(()) };
+    let age = OffsetDateTime::now_utc() - active.created_at;
+    let worn = active.encryptions_reserved >= SOFT_ENCRYPTION_LIMIT;
+    if age < every && !worn {
+        return Ok(());
+    }
+    if !shared.backend_healthy.load(Ordering::Relaxed) {
+        tracing::warn!(key_id = %active.id, "rotation is due but the key backend is unavailable");
+        return Ok(());
+    }
+    let new_id = keyadmin::add(&shared.store, shared.backend.as_ref(), KeyState::Active)?;
+    tracing::info!(
+        key_id = %new_id,
+        previous_key_id = %active.id,
+        reason = if worn { "encryption limit" } else { "age" },
+        "rotated automatically"
+    );
+    let current = shared.kms.ring();
+    reload_if_changed(shared, &current);
+    Ok(())
+}

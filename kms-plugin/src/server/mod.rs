@@ -1,0 +1,178 @@
+//! `kms-plugin serve`: wires the key store, backend and key ring to the gRPC socket and
+//! the HTTP listener, and runs until SIGTERM/SIGINT.
+
+pub mod http;
+pub mod keeper;
+pub mod socket;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use kms_proto::v1beta1::key_management_service_server::KeyManagementServiceServer as V1Server;
+use kms_proto::v2::key_management_service_server::KeyManagementServiceServer as V2Server;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::backend::{self, BackendKind, KeyBackend};
+use crate::config::ServeConfig;
+use crate::grpc::v1beta1::V1beta1Service;
+use crate::grpc::v2::V2Service;
+use crate::keyadmin;
+use crate::keyring::KeyRing;
+use crate::keystore::KeyStore;
+use crate::kms::Kms;
+use crate::metrics::Metrics;
+
+/// The largest request accepted: a Decrypt with 32 KiB of annotations and a 1 KiB
+/// ciphertext fits with room to spare.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// What the gRPC handlers, the HTTP listener and the keeper share.
+pub struct Shared {
+    pub kms: Arc<Kms>,
+    pub metrics: Arc<Metrics>,
+    pub store: KeyStore,
+    pub backend: Arc<dyn KeyBackend>,
+    pub backend_healthy: AtomicBool,
+}
+
+/// Runs a blocking closure (file I/O, TPM) off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await.context("a blocking task failed")?
+}
+
+pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
+    if cfg.store.backend == BackendKind::InsecureSoftware {
+        tracing::warn!(
+            root_key = %cfg.store.insecure_root_key.display(),
+            "INSECURE backend: KEKs are wrapped by a root key file on disk. Anyone who can read \
+             it and the key store can decrypt every secret. Use --backend tpm in production."
+        );
+    }
+    let store = KeyStore::new(&cfg.store.key_store);
+    let shared = {
+        let (store_cfg, auto_init, store) = (cfg.store.clone(), cfg.auto_init, store.clone());
+        blocking(move || {
+            let backend = backend::open(&store_cfg, auto_init && !store.is_initialized())?;
+            if !store.is_initialized() && auto_init {
+                let id = keyadmin::init(&store, backend.as_ref())?;
+                tracing::info!(key_id = %id, key_store = %store.dir().display(), "initialized a new key store (--auto-init)");
+            }
+            let shared = Shared {
+                kms: Arc::new(Kms::new(KeyRing::empty())),
+                metrics: Arc::new(Metrics::new()),
+                store,
+                backend,
+                backend_healthy: AtomicBool::new(true),
+            };
+            let ring = keeper::load_ring(&shared, None)?;
+            shared.metrics.ring_loaded(&ring, false);
+            shared.kms.install(ring);
+            Ok(Arc::new(shared))
+        })
+        .await
+        .with_context(|| format!("loading key store {}", cfg.store.key_store.display()))?
+    };
+    let ring = shared.kms.ring();
+    let active = ring.active().map(|a| a.id.to_string()).unwrap_or_default();
+    shared.metrics.set_backend_healthy(true);
+
+    let (listener, _socket_guard) = socket::bind(&cfg.socket, cfg.socket_mode, cfg.socket_group)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let http = match cfg.http_addr {
+        Some(addr) => {
+            let l = http::bind(addr)
+                .await
+                .with_context(|| format!("binding the HTTP listener on {addr} (--http-addr; \"off\" disables it)"))?;
+            let bound = l.local_addr().ok();
+            tracing::info!(addr = ?bound, "serving /healthz, /readyz and /metrics");
+            Some(tokio::spawn(http::serve(l, Arc::clone(&shared), shutdown_rx.clone())))
+        }
+        None => None,
+    };
+
+    let keeper = tokio::spawn(keep(Arc::clone(&shared), cfg.clone(), shutdown_rx.clone()));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<V2Server<V2Service>>()
+        .await;
+    let v2 = V2Server::new(V2Service::new(Arc::clone(&shared.kms), Arc::clone(&shared.metrics), cfg.status_version))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let v1 = cfg.v1beta1.then(|| {
+        V1Server::new(V1beta1Service::new(Arc::clone(&shared.kms), Arc::clone(&shared.metrics)))
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+    });
+    tracing::info!(
+        socket = %cfg.socket.display(),
+        key_id = %active,
+        backend = %cfg.store.backend,
+        status_version = cfg.status_version.as_str(),
+        v1beta1 = cfg.v1beta1,
+        "KMS plugin serving"
+    );
+
+    let mut stop = shutdown_rx.clone();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(v2)
+        .add_optional_service(v1)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            let _ = stop.changed().await;
+        });
+    tokio::pin!(server);
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let result = tokio::select! {
+        r = &mut server => r.context("the gRPC server failed"),
+        _ = term.recv() => { tracing::info!("SIGTERM: draining and shutting down"); Ok(()) }
+        _ = int.recv() => { tracing::info!("SIGINT: draining and shutting down"); Ok(()) }
+    };
+    let _ = shutdown_tx.send(true);
+    if result.is_ok() {
+        if tokio::time::timeout(cfg.drain_timeout, &mut server).await.is_err() {
+            tracing::warn!(timeout = ?cfg.drain_timeout, "in-flight requests did not finish in time; exiting anyway");
+        }
+    }
+    keeper.abort();
+    if let Some(h) = http {
+        h.abort();
+    }
+    tracing::info!("stopped");
+    result
+}
+
+/// The keeper loop: refresh on every tick, on SIGHUP, and when the active key asks for
+/// more reserved encryptions.
+async fn keep(shared: Arc<Shared>, cfg: ServeConfig, mut shutdown: watch::Receiver<bool>) {
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install the SIGHUP handler; reloads happen on the interval only");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(cfg.reload_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                tracing::info!("SIGHUP: reloading the key store now");
+            }
+            () = shared.kms.reservation_wanted().notified() => {}
+            _ = shutdown.changed() => return,
+        }
+        let s = Arc::clone(&shared);
+        let every = cfg.rotate_every;
+        if let Err(e) = tokio::task::spawn_blocking(move || keeper::refresh(&s, every)).await {
+            tracing::error!(error = %e, "key store refresh task failed");
+        }
+    }
+}
