@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -51,7 +51,12 @@ impl SoftwareBackend {
             let mut root = Zeroizing::new([0u8; KEK_LEN]);
             getrandom::fill(root.as_mut()).map_err(|e| BackendError::Random(e.to_string()))?;
             if let Some(dir) = path.parent() {
-                fs::create_dir_all(dir).map_err(|e| io("creating directory for", e))?;
+                // Usually the key store itself: private to the plugin's user.
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| io("creating directory for", e))?;
             }
             let mut f = fs::OpenOptions::new()
                 .write(true)

@@ -1,0 +1,202 @@
+//! Shared harness for the black-box tests: start the real `kms-plugin` binary on a temp
+//! key store and socket, and talk to it over the real Unix socket like kube-apiserver.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use kms_proto::v1beta1::key_management_service_client::KeyManagementServiceClient as V1Client;
+use kms_proto::v2::key_management_service_client::KeyManagementServiceClient as V2Client;
+use tempfile::TempDir;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_kms-plugin");
+
+/// Runs `kms-plugin ARGS` to completion.
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).env_remove("RUST_LOG").output().expect("spawn kms-plugin")
+}
+
+/// Runs `kms-plugin ARGS`, asserts success, returns trimmed stdout.
+pub fn cli_ok(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "kms-plugin {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// A free loopback TCP port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A temporary key store initialized with the insecure software backend.
+pub struct Store {
+    pub dir: TempDir,
+}
+
+impl Store {
+    pub fn init() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Self { dir };
+        cli_ok(&["key", "init", "--key-store", s.path_str(), "--backend", "insecure-software"]);
+        s
+    }
+
+    /// An empty directory: nothing initialized yet.
+    pub fn empty() -> Self {
+        Self { dir: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("ks")
+    }
+
+    pub fn path_str(&self) -> &str {
+        // Leaked once per store: tests are short-lived processes.
+        Box::leak(self.path().to_str().unwrap().to_owned().into_boxed_str())
+    }
+
+    pub fn rotate(&self) -> String {
+        cli_ok(&["key", "rotate", "--key-store", self.path_str(), "--backend", "insecure-software"])
+    }
+
+    pub fn list_json(&self) -> serde_json::Value {
+        serde_json::from_str(&cli_ok(&["key", "list", "--key-store", self.path_str(), "--output", "json"])).unwrap()
+    }
+
+    pub fn active_key(&self) -> String {
+        self.list_json()["active_key_id"].as_str().unwrap().to_owned()
+    }
+}
+
+/// A running `kms-plugin serve`. Killed (SIGKILL) on drop if still running.
+pub struct Plugin {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub http: String,
+    _sock_dir: TempDir,
+    stderr_path: PathBuf,
+}
+
+impl Plugin {
+    /// Starts `serve` on `store` with a 1 s reload interval; waits until the socket answers.
+    pub async fn start(store: &Store, extra: &[&str]) -> Self {
+        let sock_dir = tempfile::tempdir().unwrap();
+        let socket = sock_dir.path().join("kms.sock");
+        let http = format!("127.0.0.1:{}", free_port());
+        let stderr_path = sock_dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut args = vec![
+            "serve",
+            "--key-store",
+            store.path_str(),
+            "--backend",
+            "insecure-software",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--http-addr",
+            &http,
+            "--reload-interval",
+            "1s",
+        ];
+        args.extend_from_slice(extra);
+        let child = Command::new(BIN)
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let mut p = Self { child, socket, http, _sock_dir: sock_dir, stderr_path };
+        p.wait_ready().await;
+        p
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("kms-plugin exited early ({status}):\n{}", self.logs());
+            }
+            if self.socket.exists() && tokio::net::UnixStream::connect(&self.socket).await.is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "plugin not ready in 20s:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Everything the plugin wrote to stderr so far.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        std::fs::File::open(&self.stderr_path).unwrap().read_to_string(&mut s).unwrap();
+        s
+    }
+
+    pub async fn v2(&self) -> V2Client<Channel> {
+        V2Client::new(connect(&self.socket).await)
+    }
+
+    pub async fn v1(&self) -> V1Client<Channel> {
+        V1Client::new(connect(&self.socket).await)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "plugin ignored SIGTERM:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// GET http://{http}{path}: (status, body). Plain HTTP/1.1 over a TcpStream.
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&self.http).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (status, body)
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A gRPC channel over a Unix socket, as kube-apiserver dials `unix://PATH`.
+pub async fn connect(path: &Path) -> Channel {
+    let path = path.to_owned();
+    Endpoint::try_from("http://kms.local")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .unwrap()
+}

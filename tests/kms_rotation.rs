@@ -1,0 +1,3 @@
+//! Placeholder.
+#![allow(clippy::unwrap_used)]
+mod common;
