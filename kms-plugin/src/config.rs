@@ -336,3 +336,31 @@ mod tests {
         assert!(resolve_group("no-such-group-here").is_err());
     }
 }
+
+#[cfg(test)]
+mod reference_file {
+    use super::*;
+
+    /// The commented reference config in deploy/ must parse and agree with the defaults.
+    #[test]
+    fn reference_config_parses_and_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kms-plugin/config.toml");
+        let file = FileConfig::load(Some(&path)).unwrap();
+        assert_eq!(file.key_store.as_deref(), Some(Path::new(defaults::KEY_STORE)));
+        assert_eq!(file.socket.as_deref(), Some(Path::new(defaults::SOCKET)));
+        assert_eq!(file.http_addr.as_deref(), Some(defaults::HTTP_ADDR));
+        assert_eq!(file.backend, Some(BackendKind::Tpm));
+        // Every commented-out key is a real key too: uncomment them all and parse again.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.contains(" = ") && !rest.starts_with(' ') => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let all: FileConfig = toml::from_str(&uncommented).unwrap();
+        assert!(all.rotate_every.is_some() && all.socket_group.is_some() && all.tcti.is_some());
+    }
+}

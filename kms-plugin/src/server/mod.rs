@@ -21,7 +21,7 @@ use crate::grpc::v1beta1::V1beta1Service;
 use crate::grpc::v2::V2Service;
 use crate::keyadmin;
 use crate::keyring::KeyRing;
-use crate::keystore::KeyStore;
+use crate::keystore::{KeyStore, KeyStoreError};
 use crate::kms::Kms;
 use crate::metrics::Metrics;
 
@@ -57,6 +57,11 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let shared = {
         let (store_cfg, auto_init, store) = (cfg.store.clone(), cfg.auto_init, store.clone());
         blocking(move || {
+            // Say "not initialized" (and how to fix it) before the backend complains
+            // about a root key file that `key init` would have created.
+            if !store.is_initialized() && !auto_init {
+                return Err(KeyStoreError::NotInitialized { dir: store.dir().to_owned() }.into());
+            }
             let backend = backend::open(&store_cfg, auto_init && !store.is_initialized())?;
             if !store.is_initialized() && auto_init {
                 let id = keyadmin::init(&store, backend.as_ref())?;
