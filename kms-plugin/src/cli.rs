@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::backend::{self, BackendKind};
-use crate::config::{FileConfig, LogFormat, ServeConfig, ServeOverrides, StoreConfig};
+use crate::config::{FileConfig, LogFormat, ServeConfig, ServeOverrides, StoreConfig, TpmOverrides};
 use crate::grpc::v2::StatusVersion;
 use crate::keyadmin;
 use crate::keystore::{KeyState, KeyStore};
@@ -63,6 +63,15 @@ pub struct StoreArgs {
     /// TPM connection (tpm backend) [default: device:/dev/tpmrm0].
     #[arg(long, env = "KMS_PLUGIN_TCTI", value_name = "TCTI")]
     pub tcti: Option<String>,
+    /// Bind newly sealed keys to these PCRs, e.g. sha256:7 or sha256:0,2,4,7 [default: off].
+    #[arg(long, env = "KMS_PLUGIN_PCR_POLICY", value_name = "BANK:PCRS")]
+    pub pcr_policy: Option<String>,
+    /// File with the TPM owner hierarchy's authorization value, if it has one.
+    #[arg(long, env = "KMS_PLUGIN_OWNER_AUTH_FILE", value_name = "FILE")]
+    pub owner_auth_file: Option<PathBuf>,
+    /// Persistent handle of the storage root key, or "off" to re-create it at every start [default: 0x81000001].
+    #[arg(long, env = "KMS_PLUGIN_SRK_HANDLE", value_name = "HANDLE")]
+    pub srk_handle: Option<String>,
 }
 
 /// Commands that only read or relabel the manifest need no backend.
@@ -173,7 +182,13 @@ impl Cli {
 }
 
 fn store_config(a: StoreArgs, file: &FileConfig) -> anyhow::Result<StoreConfig> {
-    Ok(StoreConfig::resolve(a.key_store, a.backend, a.insecure_root_key, a.tcti, file)?)
+    let tpm = TpmOverrides {
+        tcti: a.tcti,
+        pcr_policy: a.pcr_policy,
+        owner_auth_file: a.owner_auth_file,
+        srk_handle: a.srk_handle,
+    };
+    Ok(StoreConfig::resolve(a.key_store, a.backend, a.insecure_root_key, tpm, file)?)
 }
 
 fn store_dir(a: StoreDirArg, file: &FileConfig) -> KeyStore {
@@ -350,7 +365,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         Some(dir.join("keys")),
         Some(BackendKind::InsecureSoftware),
         None,
-        None,
+        TpmOverrides::default(),
         &FileConfig::default(),
     )?;
     let socket = dir.join("kms.sock");

@@ -11,6 +11,8 @@ use serde::Deserialize;
 
 use crate::backend::BackendKind;
 use crate::backend::software::SoftwareBackend;
+use crate::backend::tpm::pcr::PcrPolicy;
+use crate::backend::tpm::{DEFAULT_SRK_HANDLE, TpmOptions};
 use crate::defaults;
 use crate::grpc::v2::StatusVersion;
 
@@ -41,6 +43,9 @@ pub struct FileConfig {
     pub backend: Option<BackendKind>,
     pub insecure_root_key: Option<PathBuf>,
     pub tcti: Option<String>,
+    pub pcr_policy: Option<String>,
+    pub owner_auth_file: Option<PathBuf>,
+    pub srk_handle: Option<String>,
     pub socket: Option<PathBuf>,
     pub socket_mode: Option<String>,
     pub socket_group: Option<String>,
@@ -78,7 +83,16 @@ pub struct StoreConfig {
     pub key_store: PathBuf,
     pub backend: BackendKind,
     pub insecure_root_key: PathBuf,
-    pub tcti: String,
+    pub tpm: TpmOptions,
+}
+
+/// The TPM flags as given, before validation.
+#[derive(Debug, Default, Clone)]
+pub struct TpmOverrides {
+    pub tcti: Option<String>,
+    pub pcr_policy: Option<String>,
+    pub owner_auth_file: Option<PathBuf>,
+    pub srk_handle: Option<String>,
 }
 
 impl StoreConfig {
@@ -86,7 +100,7 @@ impl StoreConfig {
         key_store: Option<PathBuf>,
         backend: Option<BackendKind>,
         insecure_root_key: Option<PathBuf>,
-        tcti: Option<String>,
+        tpm: TpmOverrides,
         file: &FileConfig,
     ) -> Result<Self, ConfigError> {
         let key_store = key_store
@@ -105,8 +119,34 @@ impl StoreConfig {
         let insecure_root_key = insecure_root_key
             .or_else(|| file.insecure_root_key.clone())
             .unwrap_or_else(|| SoftwareBackend::default_root_key_path(&key_store));
-        let tcti = tcti.or_else(|| file.tcti.clone()).unwrap_or_else(|| defaults::TCTI.to_owned());
-        Ok(Self { key_store, backend, insecure_root_key, tcti })
+        let tcti = tpm.tcti.or_else(|| file.tcti.clone()).unwrap_or_else(|| defaults::TCTI.to_owned());
+        let pcr_policy = tpm
+            .pcr_policy
+            .or_else(|| file.pcr_policy.clone())
+            .filter(|s| !s.is_empty() && s != "off")
+            .map(|s| PcrPolicy::parse(&s))
+            .transpose()
+            .map_err(|e| invalid("pcr_policy", e.to_string()))?;
+        let srk_handle = match tpm.srk_handle.or_else(|| file.srk_handle.clone()).as_deref() {
+            None => Some(DEFAULT_SRK_HANDLE),
+            Some("off" | "transient" | "none") => None,
+            Some(h) => {
+                let v = u32::from_str_radix(h.trim_start_matches("0x"), 16).map_err(|_| {
+                    invalid("srk_handle", format!("{h:?} is not a hex handle like 0x81000001 (or \"off\")"))
+                })?;
+                if v >> 24 != 0x81 {
+                    return Err(invalid("srk_handle", format!("{h:?} is not a persistent handle (0x81xxxxxx)")));
+                }
+                Some(v)
+            }
+        };
+        let owner_auth_file = tpm.owner_auth_file.or_else(|| file.owner_auth_file.clone());
+        Ok(Self {
+            key_store,
+            backend,
+            insecure_root_key,
+            tpm: TpmOptions { tcti, pcr_policy, owner_auth_file, srk_handle },
+        })
     }
 }
 
@@ -281,7 +321,7 @@ mod tests {
     use super::*;
 
     fn store() -> StoreConfig {
-        StoreConfig::resolve(None, Some(BackendKind::InsecureSoftware), None, None, &FileConfig::default())
+        StoreConfig::resolve(None, Some(BackendKind::InsecureSoftware), None, TpmOverrides::default(), &FileConfig::default())
             .unwrap()
     }
 
@@ -304,7 +344,7 @@ mod tests {
         )
         .unwrap();
         let o = ServeOverrides { socket: Some("/run/b.sock".into()), ..Default::default() };
-        let s = StoreConfig::resolve(None, None, None, None, &file).unwrap();
+        let s = StoreConfig::resolve(None, None, None, TpmOverrides::default(), &file).unwrap();
         assert_eq!(s.backend, BackendKind::Tpm);
         let c = ServeConfig::resolve(s, o, &file).unwrap();
         assert_eq!(c.socket, PathBuf::from("/run/b.sock"));
@@ -325,7 +365,22 @@ mod tests {
         assert!(bad(ServeOverrides { http_addr: Some("localhost".into()), ..Default::default() }).contains("HOST:PORT"));
         assert!(bad(ServeOverrides { reload_interval: Some("1h".into()), ..Default::default() }).contains("between"));
         assert!(bad(ServeOverrides { rotate_every: Some("soon".into()), ..Default::default() }).contains("duration"));
-        let none = StoreConfig::resolve(None, None, None, None, &FileConfig::default()).unwrap_err();
+        let none = StoreConfig::resolve(None, None, None, TpmOverrides::default(), &FileConfig::default()).unwrap_err();
+        let tpm = |pcr: &str, srk: &str| {
+            StoreConfig::resolve(
+                None,
+                Some(BackendKind::Tpm),
+                None,
+                TpmOverrides { pcr_policy: Some(pcr.into()), srk_handle: Some(srk.into()), ..Default::default() },
+                &FileConfig::default(),
+            )
+        };
+        let ok = tpm("sha256:7", "0x81000005").unwrap();
+        assert_eq!(ok.tpm.srk_handle, Some(0x8100_0005));
+        assert_eq!(ok.tpm.pcr_policy.unwrap().to_string(), "sha256:7");
+        assert_eq!(tpm("off", "off").unwrap().tpm.srk_handle, None);
+        assert!(tpm("sha256:99", "off").unwrap_err().to_string().contains("0 to 23"));
+        assert!(tpm("off", "0x80000001").unwrap_err().to_string().contains("persistent"));
         assert!(none.to_string().contains("--backend tpm"));
     }
 
@@ -362,5 +417,6 @@ mod reference_file {
             .join("\n");
         let all: FileConfig = toml::from_str(&uncommented).unwrap();
         assert!(all.rotate_every.is_some() && all.socket_group.is_some() && all.tcti.is_some());
+        assert!(all.pcr_policy.is_some() && all.srk_handle.is_some() && all.owner_auth_file.is_some());
     }
 }

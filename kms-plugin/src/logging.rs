@@ -6,7 +6,10 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter)
+    // tss-esapi logs every TPM error it returns, including the ones we expect and explain
+    // ourselves (a missing persistent handle, a PCR mismatch): silence it unless asked.
+    let filter = if filter.contains("tss_esapi") { filter.to_owned() } else { format!("{filter},tss_esapi=off") };
+    let filter = EnvFilter::try_new(&filter)
         .map_err(|e| anyhow::anyhow!("log level {filter:?} is not a valid filter: {e}"))?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()

@@ -2,6 +2,7 @@
 //! file for development) implements [`KeyBackend`]. The key ring never sees how.
 
 pub mod software;
+pub mod tpm;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -93,6 +94,8 @@ pub enum BackendError {
     Random(String),
     #[error("the {0} backend is not available in this build: {1}")]
     Unavailable(BackendKind, &'static str),
+    #[error("TPM: {0}")]
+    Tpm(String),
 }
 
 /// Seals and unseals KEKs. Implementations are blocking (a TPM call takes milliseconds):
@@ -144,10 +147,13 @@ pub fn open(
             };
             Ok(std::sync::Arc::new(b))
         }
+        #[cfg(feature = "tpm")]
+        BackendKind::Tpm => Ok(std::sync::Arc::new(tpm::TpmBackend::open(cfg.tpm.clone())?)),
+        #[cfg(not(feature = "tpm"))]
         BackendKind::Tpm => Err(BackendError::Unavailable(
             BackendKind::Tpm,
-            "TPM sealing is not built into this version yet; use --backend insecure-software \
-             for development and CI",
+            "it was built without the `tpm` feature; rebuild with `--features tpm` \
+             (needs libtss2-dev)",
         )),
     }
 }
