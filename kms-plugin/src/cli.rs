@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::backend::{self, BackendKind};
 use crate::config::{FileConfig, LogFormat, ServeConfig, ServeOverrides, StoreConfig, TpmOverrides};
 use crate::grpc::v2::StatusVersion;
-use crate::keyadmin;
+use crate::{keyadmin, keywrap};
 use crate::keystore::{KeyState, KeyStore};
 use crate::{defaults, server};
 
@@ -40,9 +40,12 @@ pub struct Cli {
 pub enum Command {
     /// Serve the KMS v2 (and v1beta1) API on a Unix socket.
     Serve(ServeArgs),
-    /// Administer the key ring: init, rotate, stage, promote, retire, list.
+    /// Administer the key ring: init, rotate, stage, promote, retire, list, export, import, recover.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// This node's identity for enrolling keys from other control-plane nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Run the plugin on an embedded default: a temporary key store with the INSECURE
     /// software backend. Prints the socket and an EncryptionConfiguration to use with it.
     Demo(DemoArgs),
@@ -119,9 +122,73 @@ pub struct ServeArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Write this node's public transport key (created in the TPM on first use), which
+    /// `key export --to` on another node wraps keys to. Safe to share; verify its
+    /// fingerprint out of band before exporting keys to it.
+    ExportPublic {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Where to write the node public file ("-" for stdout).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Name of this node in the file [default: the host name].
+        #[arg(long, value_name = "NAME")]
+        node_name: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum KeyCommand {
     /// Create the key store and its first, active key.
-    Init(StoreArgs),
+    Init {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Also wrap every key to this offline recovery public key (RSA >= 3072 bits, PEM),
+        /// so the keys survive a cleared or replaced TPM. Strongly recommended.
+        #[arg(long, env = "KMS_PLUGIN_RECOVERY_PUBLIC", value_name = "FILE")]
+        recovery_public: Option<PathBuf>,
+    },
+    /// Set (or replace) the offline recovery public key and wrap every key in use to it.
+    SetRecovery {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The recovery public key (RSA >= 3072 bits, PEM).
+        #[arg(long, value_name = "FILE")]
+        recovery_public: PathBuf,
+    },
+    /// Wrap a key of this node to another node's transport key (see `node export-public`).
+    /// The key never leaves the node in clear.
+    Export {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The key to export.
+        key_id: String,
+        /// The other node's public file, from `node export-public`.
+        #[arg(long, value_name = "NODE_PUBLIC")]
+        to: PathBuf,
+        /// Where to write the bundle.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Enroll a key exported for this node: unwrapped inside the TPM and sealed here as
+    /// decrypt-only (into an empty key store: as the active key).
+    Import {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The bundle from `key export`.
+        bundle: PathBuf,
+    },
+    /// Re-seal every key into the current TPM after it was cleared or replaced, or after a
+    /// PCR change: from the recovery-wrapped copies (with the offline private key), or by
+    /// unsealing in place when that still works.
+    Recover {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The offline recovery private key (PEM).
+        #[arg(long, value_name = "FILE")]
+        recovery_private: Option<PathBuf>,
+    },
     /// Add a new key and make it active at once; the old key stays for Decrypt.
     /// On a multi-node control plane use `key add` + `key promote` instead.
     Rotate(StoreArgs),
@@ -219,6 +286,7 @@ pub async fn run(cli: Cli, file: FileConfig) -> anyhow::Result<()> {
             server::run(ServeConfig::resolve(store, overrides, &file)?).await
         }
         Command::Key(k) => tokio::task::spawn_blocking(move || key(k, &file)).await?,
+        Command::Node(n) => tokio::task::spawn_blocking(move || node(n, &file)).await?,
         Command::Demo(a) => demo(a).await,
     }
 }
@@ -226,13 +294,76 @@ pub async fn run(cli: Cli, file: FileConfig) -> anyhow::Result<()> {
 fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match cmd {
-        KeyCommand::Init(a) => {
-            let cfg = store_config(a, file)?;
+        KeyCommand::Init { store, recovery_public } => {
+            let cfg = store_config(store, file)?;
+            let recovery_pem = recovery_public
+                .map(|p| {
+                    keywrap::read_public(&p, "recovery public key", keywrap::MIN_RECOVERY_BITS)
+                        .and_then(|k| keywrap::public_pem(&k))
+                })
+                .transpose()?;
             let backend = backend::open(&cfg, true)?;
             warn_if_insecure(cfg.backend);
-            let id = keyadmin::init(&KeyStore::new(&cfg.key_store), backend.as_ref())?;
+            let has_recovery = recovery_pem.is_some();
+            let id = keyadmin::init(&KeyStore::new(&cfg.key_store), backend.as_ref(), recovery_pem)?;
             writeln!(out, "{id}")?;
             eprintln!("initialized key store {} with active key {id}", cfg.key_store.display());
+            if !has_recovery {
+                eprintln!(
+                    "note: no --recovery-public given: if this node's TPM is cleared or replaced, \
+                     its keys can only come back from another node that holds them"
+                );
+            }
+        }
+        KeyCommand::SetRecovery { store, recovery_public } => {
+            let cfg = store_config(store, file)?;
+            let pem = keywrap::read_public(&recovery_public, "recovery public key", keywrap::MIN_RECOVERY_BITS)
+                .and_then(|k| keywrap::public_pem(&k))?;
+            let backend = backend::open(&cfg, false)?;
+            let n = keyadmin::set_recovery(&KeyStore::new(&cfg.key_store), backend.as_ref(), pem)?;
+            eprintln!("wrapped {n} key(s) to the recovery key; keys added later are wrapped too");
+        }
+        KeyCommand::Export { store, key_id, to, out: path } => {
+            let cfg = store_config(store, file)?;
+            let backend = backend::open(&cfg, false)?;
+            let node: keyadmin::NodePublic = read_json(&to, "node public file")?;
+            let bundle = keyadmin::export(&KeyStore::new(&cfg.key_store), backend.as_ref(), &key_id, &node)?;
+            write_json(&path, &bundle)?;
+            eprintln!(
+                "wrapped key {key_id} (check value {}) to node {:?} (transport key {}); import it there \
+                 with `kms-plugin key import {}`",
+                bundle.check_value,
+                node.node,
+                bundle.to,
+                path.display()
+            );
+        }
+        KeyCommand::Import { store, bundle } => {
+            let cfg = store_config(store, file)?;
+            let backend = backend::open(&cfg, false)?;
+            let b: keyadmin::KeyBundle = read_json(&bundle, "key bundle")?;
+            let state = keyadmin::import(&KeyStore::new(&cfg.key_store), backend.as_ref(), &b)?;
+            writeln!(out, "{}", b.key_id)?;
+            eprintln!(
+                "enrolled key {} as {} (check value {}: compare it with `key list` on the exporting node)",
+                b.key_id,
+                state.as_str(),
+                b.check_value
+            );
+        }
+        KeyCommand::Recover { store, recovery_private } => {
+            let cfg = store_config(store, file)?;
+            let private = recovery_private
+                .map(|p| keywrap::read_private(&p, "recovery private key"))
+                .transpose()?;
+            let backend = backend::open(&cfg, false)?;
+            let report = keyadmin::recover(&KeyStore::new(&cfg.key_store), backend.as_ref(), private.as_ref())?;
+            serde_json::to_writer_pretty(&mut out, &report)?;
+            writeln!(out)?;
+            eprintln!(
+                "re-sealed {} key(s) into the current backend; restart or SIGHUP the plugin",
+                report.recovered.len() + report.resealed_in_place.len()
+            );
         }
         KeyCommand::Rotate(a) => {
             let cfg = store_config(a, file)?;
@@ -284,6 +415,8 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
                         state_changed_at: fmt_time(k.state_changed_at),
                         encryptions_reserved: k.encryptions_reserved,
                         check_value: k.check_value.clone(),
+                        origin: k.origin,
+                        recoverable: k.recovery.is_some(),
                     })
                     .collect(),
             };
@@ -297,6 +430,44 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn node(cmd: NodeCommand, file: &FileConfig) -> anyhow::Result<()> {
+    match cmd {
+        NodeCommand::ExportPublic { store, out, node_name } => {
+            let cfg = store_config(store, file)?;
+            let backend = backend::open(&cfg, false)?;
+            let name = node_name.unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "unknown".into())
+            });
+            let public = keyadmin::node_public(&KeyStore::new(&cfg.key_store), backend.as_ref(), &name)?;
+            write_json(&out, &public)?;
+            eprintln!(
+                "node {name}: transport key {} (verify this fingerprint with the admin of the \
+                 exporting node before they export keys to it)",
+                public.transport_fingerprint
+            );
+        }
+    }
+    Ok(())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, what: &str) -> anyhow::Result<T> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{what} {} is not valid", path.display()))
+}
+
+/// Writes a (public) JSON document, or prints it for "-".
+fn write_json<T: Serialize>(path: &std::path::Path, value: &T) -> anyhow::Result<()> {
+    let mut json = serde_json::to_vec_pretty(value)?;
+    json.push(b'\n');
+    if path.as_os_str() == "-" {
+        std::io::stdout().write_all(&json)?;
+        return Ok(());
+    }
+    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
 }
 
 fn fmt_time(t: time::OffsetDateTime) -> String {
@@ -331,21 +502,33 @@ struct ListedKey {
     state_changed_at: String,
     encryptions_reserved: u64,
     check_value: String,
+    origin: crate::keystore::KeyOrigin,
+    recoverable: bool,
 }
 
 impl Listing {
     fn print_table(&self, out: &mut impl Write) -> std::io::Result<()> {
         writeln!(out, "key store: {} (backend {}, {})", self.key_store, self.backend, self.backend_fingerprint)?;
         let w = self.keys.iter().map(|k| k.id.len()).max().unwrap_or(6).max(6);
-        writeln!(out, "{:<w$}  {:<12}  {:<20}  {:>11}", "KEY ID", "STATE", "CREATED", "ENCRYPTIONS")?;
+        writeln!(
+            out,
+            "{:<w$}  {:<12}  {:<8}  {:<11}  {:<16}  {:>11}  CREATED",
+            "KEY ID", "STATE", "ORIGIN", "RECOVERABLE", "CHECK VALUE", "ENCRYPTIONS"
+        )?;
         for k in &self.keys {
             writeln!(
                 out,
-                "{:<w$}  {:<12}  {:<20}  {:>11}",
+                "{:<w$}  {:<12}  {:<8}  {:<11}  {:<16}  {:>11}  {}",
                 k.id,
                 k.state.as_str(),
+                match k.origin {
+                    crate::keystore::KeyOrigin::Created => "created",
+                    crate::keystore::KeyOrigin::Imported => "imported",
+                },
+                if k.recoverable { "yes" } else { "no" },
+                k.check_value,
+                k.encryptions_reserved,
                 k.created_at,
-                k.encryptions_reserved
             )?;
         }
         Ok(())

@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod keyadmin;
 pub mod keyid;
 pub mod keyring;
+pub mod keywrap;
 pub mod keystore;
 pub mod kms;
 pub mod logging;

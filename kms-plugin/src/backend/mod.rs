@@ -130,6 +130,30 @@ pub trait KeyBackend: Send + Sync {
 
     /// Whether the backend can seal and unseal right now (a TPM may have gone away).
     fn health(&self) -> Result<(), BackendError>;
+
+    /// Creates this node's transport key: a decryption key that never leaves the backend,
+    /// to which other nodes wrap the KEKs they enroll here. Returns its sealed form and
+    /// its public half.
+    fn create_transport_key(&self) -> Result<(SealedKek, rsa::RsaPublicKey), BackendError> {
+        Err(BackendError::Unavailable(
+            self.kind(),
+            "enrolling keys from other nodes needs a backend that can hold a private key \
+             (--backend tpm)",
+        ))
+    }
+
+    /// Unwraps a KEK that another node wrapped to this node's transport key
+    /// (RSA-OAEP-SHA256 with `label`).
+    fn transport_unwrap(
+        &self,
+        transport: &SealedKek,
+        key_id: &KeyId,
+        label: &str,
+        wrapped: &[u8],
+    ) -> Result<Kek, BackendError> {
+        let _ = (transport, key_id, label, wrapped);
+        Err(BackendError::Unavailable(self.kind(), "it has no transport key"))
+    }
 }
 
 /// Opens the configured backend. `create` lets the software backend make its root key

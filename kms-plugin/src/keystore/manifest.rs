@@ -43,7 +43,34 @@ pub struct Manifest {
     pub generation: u64,
     /// Serial for the next key; serials and ids are never reused.
     pub next_serial: u64,
+    /// The offline recovery public key (PEM): every new key is also wrapped to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_public: Option<String>,
+    /// This node's transport key, which other nodes wrap keys to when enrolling them here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<TransportRecord>,
     pub keys: Vec<KeyRecord>,
+}
+
+/// A decryption key held by the backend (in the TPM) for receiving keys from other nodes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportRecord {
+    pub public_pem: String,
+    pub fingerprint: String,
+    #[serde(with = "sealed_base64")]
+    pub sealed: SealedKek,
+}
+
+/// Where a key came from on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyOrigin {
+    /// Generated here.
+    #[default]
+    Created,
+    /// Enrolled from another node with `key import`.
+    Imported,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,6 +90,11 @@ pub struct KeyRecord {
     pub encryptions_reserved: u64,
     #[serde(with = "sealed_base64")]
     pub sealed: SealedKek,
+    /// The KEK wrapped to the recovery public key (RSA-OAEP), if one was configured.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_base64")]
+    pub recovery: Option<Vec<u8>>,
+    #[serde(default)]
+    pub origin: KeyOrigin,
 }
 
 /// Rule violations when changing or loading a manifest.
@@ -94,7 +126,15 @@ pub enum ManifestError {
 
 impl Manifest {
     pub fn new(backend: BackendIdentity) -> Self {
-        Self { format: MANIFEST_FORMAT, backend, generation: 0, next_serial: 1, keys: Vec::new() }
+        Self {
+            format: MANIFEST_FORMAT,
+            backend,
+            generation: 0,
+            next_serial: 1,
+            recovery_public: None,
+            transport: None,
+            keys: Vec::new(),
+        }
     }
 
     /// Checks every invariant; called on each load and before each write.
@@ -242,6 +282,26 @@ mod sealed_base64 {
     }
 }
 
+mod opt_base64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_str(&STANDARD.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(s) => STANDARD.decode(s.as_bytes()).map(Some).map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,6 +319,8 @@ mod tests {
             check_value: "00".into(),
             encryptions_reserved: 0,
             sealed: SealedKek(vec![1, 2, 3]),
+            recovery: Some(vec![4, 5]),
+            origin: KeyOrigin::Created,
         });
         id
     }
@@ -324,6 +386,7 @@ mod tests {
         let json = serde_json::to_string(&m).unwrap();
         let back: Manifest = serde_json::from_str(&json).unwrap();
         assert_eq!(back.keys[0].sealed, m.keys[0].sealed);
+        assert_eq!(back.keys[0].recovery, Some(vec![4, 5]));
         let extra = json.replacen("{", "{\"surprise\":1,", 1);
         assert!(serde_json::from_str::<Manifest>(&extra).is_err());
     }

@@ -11,7 +11,7 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-pub use manifest::{KeyRecord, KeyState, Manifest, ManifestError};
+pub use manifest::{KeyOrigin, KeyRecord, KeyState, Manifest, ManifestError, TransportRecord};
 
 use crate::backend::BackendError;
 
@@ -115,15 +115,15 @@ impl KeyStore {
 
     /// Applies `change` to the current manifest under the lock and writes the result
     /// atomically. Nothing is written if `change` fails.
-    pub fn update<T>(
+    pub fn update<T, E: From<KeyStoreError>>(
         &self,
-        change: impl FnOnce(&mut Manifest) -> Result<T, KeyStoreError>,
-    ) -> Result<(T, Manifest), KeyStoreError> {
+        change: impl FnOnce(&mut Manifest) -> Result<T, E>,
+    ) -> Result<(T, Manifest), E> {
         let _lock = self.lock()?;
         let mut manifest = self.load()?;
         let out = change(&mut manifest)?;
         manifest.generation += 1;
-        manifest.validate()?;
+        manifest.validate().map_err(KeyStoreError::from)?;
         self.write(&manifest)?;
         Ok((out, manifest))
     }
@@ -194,7 +194,7 @@ mod tests {
         assert!(matches!(store.load(), Err(KeyStoreError::NotInitialized { .. })));
         store.create(&Manifest::new(ident())).unwrap();
         assert!(matches!(store.create(&Manifest::new(ident())), Err(KeyStoreError::AlreadyInitialized { .. })));
-        let (_, m) = store.update(|m| Ok(m.take_serial())).unwrap();
+        let (_, m) = store.update(|m| Ok::<_, KeyStoreError>(m.take_serial())).unwrap();
         assert_eq!(m.generation, 1);
         assert_eq!(store.load().unwrap().next_serial, 2);
         let mode = fs::metadata(store.manifest_path()).unwrap().permissions().mode() & 0o777;
@@ -209,7 +209,7 @@ mod tests {
         let store = KeyStore::new(dir.path());
         store.create(&Manifest::new(ident())).unwrap();
         let before = fs::read(store.manifest_path()).unwrap();
-        let r: Result<((), _), _> = store.update(|m| {
+        let r: Result<((), _), KeyStoreError> = store.update(|m| {
             m.next_serial = 99;
             Err(ManifestError::UnknownKey("x".into()).into())
         });

@@ -26,7 +26,7 @@ pub fn load_ring(shared: &Shared, previous: Option<&KeyRing>) -> Result<KeyRing,
             let used = active.used();
             let (range, after) = shared
                 .store
-                .update(|m| Ok(m.reserve(id.as_str(), used, RESERVATION_BLOCK)?))?;
+                .update(|m| Ok::<_, KeyStoreError>(m.reserve(id.as_str(), used, RESERVATION_BLOCK)?))?;
             active.grant(range.0, range.1);
             // Our own write is the only change since we loaded: the ring still matches.
             if after.generation == manifest.generation + 1 {
@@ -104,7 +104,7 @@ fn reload_if_changed(shared: &Shared, current: &Arc<KeyRing>) {
     }
 }
 
-fn rotate_if_due(shared: &Shared, every: Duration) -> Result<(), KeyStoreError> {
+fn rotate_if_due(shared: &Shared, every: Duration) -> Result<(), keyadmin::AdminError> {
     let manifest = shared.store.load()?;
     let Some(active) = manifest.active() else { return Ok(()) };
     let age = OffsetDateTime::now_utc() - active.created_at;

@@ -64,7 +64,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             }
             let backend = backend::open(&store_cfg, auto_init && !store.is_initialized())?;
             if !store.is_initialized() && auto_init {
-                let id = keyadmin::init(&store, backend.as_ref())?;
+                let id = keyadmin::init(&store, backend.as_ref(), None)?;
                 tracing::info!(key_id = %id, key_store = %store.dir().display(), "initialized a new key store (--auto-init)");
             }
             let shared = Shared {

@@ -16,10 +16,12 @@ use tss_esapi::interface_types::dynamic_handles::Persistent;
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
+use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::structures::{
-    Auth, Digest, EccPoint, KeyedHashScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot,
-    Private, Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters,
-    SensitiveData, SymmetricDefinition, SymmetricDefinitionObject,
+    Auth, Data, Digest, EccPoint, HashScheme, KeyedHashScheme, PcrSelectionList,
+    PcrSelectionListBuilder, PcrSlot, Private, Public, PublicBuilder, PublicEccParametersBuilder,
+    PublicKeyRsa, PublicKeyedHashParameters, PublicRsaParametersBuilder, RsaDecryptionScheme,
+    RsaExponent, RsaScheme, SensitiveData, SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::traits::{Marshall, UnMarshall};
 use tss_esapi::{Context, TctiNameConf};
@@ -192,6 +194,99 @@ impl KeyBackend for TpmBackend {
             c.ctx.get_random(8).map(|_| ()).map_err(|e| tpm_err("asking the TPM for random bytes", &e))
         })
     }
+
+    fn create_transport_key(&self) -> Result<(SealedKek, rsa::RsaPublicKey), BackendError> {
+        let template = transport_key_template()?;
+        self.with_conn(|c| {
+            let srk = c.srk;
+            let created = c
+                .ctx
+                .execute_with_nullauth_session(|ctx| ctx.create(srk, template, None, None, None, None))
+                .map_err(|e| tpm_err("creating the node transport key (RSA-2048, TPM2_Create)", &e))?;
+            let public_key = rsa_public(&created.out_public)?;
+            let public = created.out_public.marshall().map_err(|e| tpm_err("encoding the public area", &e))?;
+            let blob = TpmBlob { pcr: None, public, private: created.out_private.value().to_vec() };
+            Ok((SealedKek(blob.encode()), public_key))
+        })
+    }
+
+    fn transport_unwrap(
+        &self,
+        transport: &SealedKek,
+        key_id: &KeyId,
+        label: &str,
+        wrapped: &[u8],
+    ) -> Result<Kek, BackendError> {
+        let fail = |reason: String| BackendError::Unseal { key_id: key_id.clone(), reason };
+        let blob = TpmBlob::decode(&transport.0).map_err(|r| fail(format!("the transport key blob is damaged: {r}")))?;
+        let public = Public::unmarshall(&blob.public).map_err(|e| fail(explain(&e, "reading the transport key")))?;
+        let private = Private::try_from(blob.private).map_err(|e| fail(explain(&e, "reading the transport key")))?;
+        let cipher = PublicKeyRsa::try_from(wrapped.to_vec())
+            .map_err(|e| fail(explain(&e, "reading the wrapped key")))?;
+        let label = Data::try_from(label.as_bytes().to_vec()).map_err(|e| fail(explain(&e, "preparing the label")))?;
+        self.with_conn(|c| {
+            let srk = c.srk;
+            let handle = c
+                .ctx
+                .execute_with_nullauth_session(|ctx| ctx.load(srk, private, public))
+                .map_err(|e| fail(explain(&e, "loading the transport key")))?;
+            let scheme = RsaDecryptionScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha256));
+            let clear = c
+                .ctx
+                .execute_with_nullauth_session(|ctx| ctx.rsa_decrypt(handle, cipher, scheme, label));
+            let _ = c.ctx.flush_context(handle.into());
+            let clear = clear.map_err(|e| {
+                fail(explain(
+                    &e,
+                    "unwrapping with the transport key (the bundle was made for another node, or altered)",
+                ))
+            })?;
+            Kek::from_slice(clear.value())
+                .ok_or_else(|| fail(format!("the unwrapped key is {} bytes, not 32", clear.value().len())))
+        })
+    }
+}
+
+/// RSA-2048 decryption key with OAEP-SHA256, bound to this TPM. Not restricted: it
+/// decrypts what other nodes wrap to it, and nothing else is ever wrapped to it.
+fn transport_key_template() -> Result<Public, BackendError> {
+    let attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_no_da(true)
+        .with_decrypt(true)
+        .build()
+        .map_err(|e| tpm_err("building the transport key attributes", &e))?;
+    let params = PublicRsaParametersBuilder::new()
+        .with_scheme(RsaScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha256)))
+        .with_key_bits(RsaKeyBits::Rsa2048)
+        .with_exponent(RsaExponent::default())
+        .with_is_decryption_key(true)
+        .with_restricted(false)
+        .build()
+        .map_err(|e| tpm_err("building the transport key parameters", &e))?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Rsa)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_rsa_parameters(params)
+        .with_rsa_unique_identifier(PublicKeyRsa::default())
+        .build()
+        .map_err(|e| tpm_err("building the transport key template", &e))
+}
+
+fn rsa_public(public: &Public) -> Result<rsa::RsaPublicKey, BackendError> {
+    let Public::Rsa { parameters, unique, .. } = public else {
+        return Err(BackendError::Tpm("the TPM returned a non-RSA transport key".into()));
+    };
+    let e = match parameters.exponent().value() {
+        0 => 65537,
+        e => e,
+    };
+    rsa::RsaPublicKey::new(rsa::BigUint::from_bytes_be(unique.value()), rsa::BigUint::from(e))
+        .map_err(|e| BackendError::Tpm(format!("the TPM's transport key is not a valid RSA key: {e}")))
 }
 
 fn read_owner_auth(path: &Path) -> Result<Zeroizing<Vec<u8>>, BackendError> {
