@@ -2,6 +2,8 @@
 //! key store and socket, and talk to it over the real Unix socket like kube-apiserver.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod swtpm;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -18,7 +20,12 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_kms-plugin");
 
 /// Runs `kms-plugin ARGS` to completion.
 pub fn cli(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env_remove("RUST_LOG").output().expect("spawn kms-plugin")
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("TSS2_LOG", "all+none")
+        .output()
+        .expect("spawn kms-plugin")
 }
 
 /// Runs `kms-plugin ARGS`, asserts success, returns trimmed stdout.
@@ -90,28 +97,31 @@ pub struct Plugin {
 impl Plugin {
     /// Starts `serve` on `store` with a 1 s reload interval; waits until the socket answers.
     pub async fn start(store: &Store, extra: &[&str]) -> Self {
+        Self::start_with(store.path_str(), &["--backend", "insecure-software"], extra).await
+    }
+
+    /// Starts `serve` on any key store and backend (e.g. `--backend tpm --tcti ...`).
+    pub async fn start_with(key_store: &str, backend: &[&str], extra: &[&str]) -> Self {
         let sock_dir = tempfile::tempdir().unwrap();
         let socket = sock_dir.path().join("kms.sock");
         let http = format!("127.0.0.1:{}", free_port());
         let stderr_path = sock_dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut args = vec![
-            "serve",
-            "--key-store",
-            store.path_str(),
-            "--backend",
-            "insecure-software",
+        let mut args = vec!["serve", "--key-store", key_store];
+        args.extend_from_slice(backend);
+        args.extend_from_slice(&[
             "--socket",
             socket.to_str().unwrap(),
             "--http-addr",
             &http,
             "--reload-interval",
             "1s",
-        ];
+        ]);
         args.extend_from_slice(extra);
         let child = Command::new(BIN)
             .args(&args)
             .env_remove("RUST_LOG")
+            .env("TSS2_LOG", "all+none")
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
