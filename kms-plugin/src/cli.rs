@@ -9,11 +9,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::backend::{self, BackendKind};
-use crate::config::{FileConfig, LogFormat, ServeConfig, ServeOverrides, StoreConfig, TpmOverrides};
+use crate::config::{
+    FileConfig, LogFormat, ServeConfig, ServeOverrides, StoreConfig, TpmOverrides,
+};
 use crate::grpc::v2::StatusVersion;
-use crate::{keyadmin, keywrap};
 use crate::keystore::{KeyState, KeyStore};
 use crate::{defaults, server};
+use crate::{keyadmin, keywrap};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,7 +32,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "KMS_PLUGIN_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
     /// Log filter: error, warn, info, debug, or a tracing directive list.
-    #[arg(long, global = true, env = "KMS_PLUGIN_LOG_LEVEL", value_name = "FILTER")]
+    #[arg(
+        long,
+        global = true,
+        env = "KMS_PLUGIN_LOG_LEVEL",
+        value_name = "FILTER"
+    )]
     pub log_level: Option<String>,
     #[command(subcommand)]
     pub command: Command,
@@ -255,7 +262,13 @@ fn store_config(a: StoreArgs, file: &FileConfig) -> anyhow::Result<StoreConfig> 
         owner_auth_file: a.owner_auth_file,
         srk_handle: a.srk_handle,
     };
-    Ok(StoreConfig::resolve(a.key_store, a.backend, a.insecure_root_key, tpm, file)?)
+    Ok(StoreConfig::resolve(
+        a.key_store,
+        a.backend,
+        a.insecure_root_key,
+        tpm,
+        file,
+    )?)
 }
 
 fn store_dir(a: StoreDirArg, file: &FileConfig) -> KeyStore {
@@ -294,7 +307,10 @@ pub async fn run(cli: Cli, file: FileConfig) -> anyhow::Result<()> {
 fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match cmd {
-        KeyCommand::Init { store, recovery_public } => {
+        KeyCommand::Init {
+            store,
+            recovery_public,
+        } => {
             let cfg = store_config(store, file)?;
             let recovery_pem = recovery_public
                 .map(|p| {
@@ -305,9 +321,16 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
             let backend = backend::open(&cfg, true)?;
             warn_if_insecure(cfg.backend);
             let has_recovery = recovery_pem.is_some();
-            let id = keyadmin::init(&KeyStore::new(&cfg.key_store), backend.as_ref(), recovery_pem)?;
+            let id = keyadmin::init(
+                &KeyStore::new(&cfg.key_store),
+                backend.as_ref(),
+                recovery_pem,
+            )?;
             writeln!(out, "{id}")?;
-            eprintln!("initialized key store {} with active key {id}", cfg.key_store.display());
+            eprintln!(
+                "initialized key store {} with active key {id}",
+                cfg.key_store.display()
+            );
             if !has_recovery {
                 eprintln!(
                     "note: no --recovery-public given: if this node's TPM is cleared or replaced, \
@@ -315,19 +338,36 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
                 );
             }
         }
-        KeyCommand::SetRecovery { store, recovery_public } => {
+        KeyCommand::SetRecovery {
+            store,
+            recovery_public,
+        } => {
             let cfg = store_config(store, file)?;
-            let pem = keywrap::read_public(&recovery_public, "recovery public key", keywrap::MIN_RECOVERY_BITS)
-                .and_then(|k| keywrap::public_pem(&k))?;
+            let pem = keywrap::read_public(
+                &recovery_public,
+                "recovery public key",
+                keywrap::MIN_RECOVERY_BITS,
+            )
+            .and_then(|k| keywrap::public_pem(&k))?;
             let backend = backend::open(&cfg, false)?;
             let n = keyadmin::set_recovery(&KeyStore::new(&cfg.key_store), backend.as_ref(), pem)?;
             eprintln!("wrapped {n} key(s) to the recovery key; keys added later are wrapped too");
         }
-        KeyCommand::Export { store, key_id, to, out: path } => {
+        KeyCommand::Export {
+            store,
+            key_id,
+            to,
+            out: path,
+        } => {
             let cfg = store_config(store, file)?;
             let backend = backend::open(&cfg, false)?;
             let node: keyadmin::NodePublic = read_json(&to, "node public file")?;
-            let bundle = keyadmin::export(&KeyStore::new(&cfg.key_store), backend.as_ref(), &key_id, &node)?;
+            let bundle = keyadmin::export(
+                &KeyStore::new(&cfg.key_store),
+                backend.as_ref(),
+                &key_id,
+                &node,
+            )?;
             write_json(&path, &bundle)?;
             eprintln!(
                 "wrapped key {key_id} (check value {}) to node {:?} (transport key {}); import it there \
@@ -351,13 +391,20 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
                 b.check_value
             );
         }
-        KeyCommand::Recover { store, recovery_private } => {
+        KeyCommand::Recover {
+            store,
+            recovery_private,
+        } => {
             let cfg = store_config(store, file)?;
             let private = recovery_private
                 .map(|p| keywrap::read_private(&p, "recovery private key"))
                 .transpose()?;
             let backend = backend::open(&cfg, false)?;
-            let report = keyadmin::recover(&KeyStore::new(&cfg.key_store), backend.as_ref(), private.as_ref())?;
+            let report = keyadmin::recover(
+                &KeyStore::new(&cfg.key_store),
+                backend.as_ref(),
+                private.as_ref(),
+            )?;
             serde_json::to_writer_pretty(&mut out, &report)?;
             writeln!(out)?;
             eprintln!(
@@ -368,7 +415,11 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
         KeyCommand::Rotate(a) => {
             let cfg = store_config(a, file)?;
             let backend = backend::open(&cfg, false)?;
-            let id = keyadmin::add(&KeyStore::new(&cfg.key_store), backend.as_ref(), KeyState::Active)?;
+            let id = keyadmin::add(
+                &KeyStore::new(&cfg.key_store),
+                backend.as_ref(),
+                KeyState::Active,
+            )?;
             writeln!(out, "{id}")?;
             eprintln!(
                 "key {id} is now active; the previous key stays for Decrypt. A running plugin picks \
@@ -378,10 +429,15 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
         KeyCommand::Add(a) => {
             let cfg = store_config(a, file)?;
             let backend = backend::open(&cfg, false)?;
-            let id =
-                keyadmin::add(&KeyStore::new(&cfg.key_store), backend.as_ref(), KeyState::DecryptOnly)?;
+            let id = keyadmin::add(
+                &KeyStore::new(&cfg.key_store),
+                backend.as_ref(),
+                KeyState::DecryptOnly,
+            )?;
             writeln!(out, "{id}")?;
-            eprintln!("key {id} added as decrypt-only; promote it with `kms-plugin key promote {id}` once every node has it");
+            eprintln!(
+                "key {id} added as decrypt-only; promote it with `kms-plugin key promote {id}` once every node has it"
+            );
         }
         KeyCommand::Promote { store, key_id } => {
             keyadmin::promote(&store_dir(store, file), &key_id)?;
@@ -389,7 +445,9 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
         }
         KeyCommand::Retire { store, key_id } => {
             keyadmin::retire(&store_dir(store, file), &key_id)?;
-            eprintln!("key {key_id} is retired: data still encrypted under it can no longer be read until it is reinstated");
+            eprintln!(
+                "key {key_id} is retired: data still encrypted under it can no longer be read until it is reinstated"
+            );
         }
         KeyCommand::Reinstate { store, key_id } => {
             keyadmin::reinstate(&store_dir(store, file), &key_id)?;
@@ -434,7 +492,11 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
 
 fn node(cmd: NodeCommand, file: &FileConfig) -> anyhow::Result<()> {
     match cmd {
-        NodeCommand::ExportPublic { store, out, node_name } => {
+        NodeCommand::ExportPublic {
+            store,
+            out,
+            node_name,
+        } => {
             let cfg = store_config(store, file)?;
             let backend = backend::open(&cfg, false)?;
             let name = node_name.unwrap_or_else(|| {
@@ -442,7 +504,8 @@ fn node(cmd: NodeCommand, file: &FileConfig) -> anyhow::Result<()> {
                     .map(|h| h.trim().to_owned())
                     .unwrap_or_else(|_| "unknown".into())
             });
-            let public = keyadmin::node_public(&KeyStore::new(&cfg.key_store), backend.as_ref(), &name)?;
+            let public =
+                keyadmin::node_public(&KeyStore::new(&cfg.key_store), backend.as_ref(), &name)?;
             write_json(&out, &public)?;
             eprintln!(
                 "node {name}: transport key {} (verify this fingerprint with the admin of the \
@@ -454,9 +517,14 @@ fn node(cmd: NodeCommand, file: &FileConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, what: &str) -> anyhow::Result<T> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))?;
-    serde_json::from_slice(&bytes).with_context(|| format!("{what} {} is not valid", path.display()))
+fn read_json<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    what: &str,
+) -> anyhow::Result<T> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{what} {} is not valid", path.display()))
 }
 
 /// Writes a (public) JSON document, or prints it for "-".
@@ -471,7 +539,8 @@ fn write_json<T: Serialize>(path: &std::path::Path, value: &T) -> anyhow::Result
 }
 
 fn fmt_time(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 fn warn_if_insecure(kind: BackendKind) {
@@ -508,8 +577,18 @@ struct ListedKey {
 
 impl Listing {
     fn print_table(&self, out: &mut impl Write) -> std::io::Result<()> {
-        writeln!(out, "key store: {} (backend {}, {})", self.key_store, self.backend, self.backend_fingerprint)?;
-        let w = self.keys.iter().map(|k| k.id.len()).max().unwrap_or(6).max(6);
+        writeln!(
+            out,
+            "key store: {} (backend {}, {})",
+            self.key_store, self.backend, self.backend_fingerprint
+        )?;
+        let w = self
+            .keys
+            .iter()
+            .map(|k| k.id.len())
+            .max()
+            .unwrap_or(6)
+            .max(6);
         writeln!(
             out,
             "{:<w$}  {:<12}  {:<8}  {:<11}  {:<16}  {:>11}  CREATED",
@@ -539,7 +618,9 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     let (dir, _temp) = match a.dir {
         Some(d) => (d, None),
         None => {
-            let t = tempfile::Builder::new().prefix("kms-plugin-demo-").tempdir()?;
+            let t = tempfile::Builder::new()
+                .prefix("kms-plugin-demo-")
+                .tempdir()?;
             (t.path().to_owned(), Some(t))
         }
     };

@@ -27,11 +27,17 @@ pub enum ConfigError {
     #[error("config file {}: {message}", path.display())]
     Parse { path: PathBuf, message: String },
     #[error("{setting}: {problem}")]
-    Invalid { setting: &'static str, problem: String },
+    Invalid {
+        setting: &'static str,
+        problem: String,
+    },
 }
 
 fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { setting, problem: problem.into() }
+    ConfigError::Invalid {
+        setting,
+        problem: problem.into(),
+    }
 }
 
 /// The config file (TOML). Every key is optional and mirrors a flag; see
@@ -62,11 +68,17 @@ pub struct FileConfig {
 
 impl FileConfig {
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let Some(path) = path else { return Ok(Self::default()) };
-        let text = fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
     }
 }
 
@@ -119,7 +131,10 @@ impl StoreConfig {
         let insecure_root_key = insecure_root_key
             .or_else(|| file.insecure_root_key.clone())
             .unwrap_or_else(|| SoftwareBackend::default_root_key_path(&key_store));
-        let tcti = tpm.tcti.or_else(|| file.tcti.clone()).unwrap_or_else(|| defaults::TCTI.to_owned());
+        let tcti = tpm
+            .tcti
+            .or_else(|| file.tcti.clone())
+            .unwrap_or_else(|| defaults::TCTI.to_owned());
         let pcr_policy = tpm
             .pcr_policy
             .or_else(|| file.pcr_policy.clone())
@@ -127,15 +142,25 @@ impl StoreConfig {
             .map(|s| PcrPolicy::parse(&s))
             .transpose()
             .map_err(|e| invalid("pcr_policy", e.to_string()))?;
-        let srk_handle = match tpm.srk_handle.or_else(|| file.srk_handle.clone()).as_deref() {
+        let srk_handle = match tpm
+            .srk_handle
+            .or_else(|| file.srk_handle.clone())
+            .as_deref()
+        {
             None => Some(DEFAULT_SRK_HANDLE),
             Some("off" | "transient" | "none") => None,
             Some(h) => {
                 let v = u32::from_str_radix(h.trim_start_matches("0x"), 16).map_err(|_| {
-                    invalid("srk_handle", format!("{h:?} is not a hex handle like 0x81000001 (or \"off\")"))
+                    invalid(
+                        "srk_handle",
+                        format!("{h:?} is not a hex handle like 0x81000001 (or \"off\")"),
+                    )
                 })?;
                 if v >> 24 != 0x81 {
-                    return Err(invalid("srk_handle", format!("{h:?} is not a persistent handle (0x81xxxxxx)")));
+                    return Err(invalid(
+                        "srk_handle",
+                        format!("{h:?} is not a persistent handle (0x81xxxxxx)"),
+                    ));
                 }
                 Some(v)
             }
@@ -145,7 +170,12 @@ impl StoreConfig {
             key_store,
             backend,
             insecure_root_key,
-            tpm: TpmOptions { tcti, pcr_policy, owner_auth_file, srk_handle },
+            tpm: TpmOptions {
+                tcti,
+                pcr_policy,
+                owner_auth_file,
+                srk_handle,
+            },
         })
     }
 }
@@ -193,7 +223,10 @@ impl ServeConfig {
             .unwrap_or_else(|| PathBuf::from(defaults::SOCKET));
         validate_socket_path(&socket)?;
         let socket_mode = parse_mode(
-            o.socket_mode.or_else(|| file.socket_mode.clone()).as_deref().unwrap_or("0600"),
+            o.socket_mode
+                .or_else(|| file.socket_mode.clone())
+                .as_deref()
+                .unwrap_or("0600"),
         )?;
         let socket_group = o
             .socket_group
@@ -208,7 +241,10 @@ impl ServeConfig {
         {
             "off" | "none" | "" => None,
             a => Some(a.parse::<SocketAddr>().map_err(|e| {
-                invalid("http_addr", format!("{a:?} is not HOST:PORT ({e}); use \"off\" to disable"))
+                invalid(
+                    "http_addr",
+                    format!("{a:?} is not HOST:PORT ({e}); use \"off\" to disable"),
+                )
             })?),
         };
         let reload_interval = parse_duration(
@@ -218,7 +254,9 @@ impl ServeConfig {
                 .as_deref()
                 .unwrap_or(defaults::RELOAD_INTERVAL),
         )?;
-        if reload_interval < Duration::from_millis(100) || reload_interval > Duration::from_secs(600) {
+        if reload_interval < Duration::from_millis(100)
+            || reload_interval > Duration::from_secs(600)
+        {
             return Err(invalid("reload_interval", "must be between 100ms and 10m"));
         }
         let rotate_every = o
@@ -227,10 +265,11 @@ impl ServeConfig {
             .filter(|s| s != "off" && !s.is_empty())
             .map(|s| parse_duration("rotate_every", &s))
             .transpose()?;
-        if let Some(r) = rotate_every {
-            if r < Duration::from_secs(1) {
-                return Err(invalid("rotate_every", "must be at least 1s (30d is typical)"));
-            }
+        if rotate_every.is_some_and(|r| r < Duration::from_secs(1)) {
+            return Err(invalid(
+                "rotate_every",
+                "must be at least 1s (30d is typical)",
+            ));
         }
         let drain_timeout = parse_duration(
             "drain_timeout",
@@ -247,7 +286,10 @@ impl ServeConfig {
             http_addr,
             reload_interval,
             rotate_every,
-            status_version: o.status_version.or(file.status_version).unwrap_or(StatusVersion::V2),
+            status_version: o
+                .status_version
+                .or(file.status_version)
+                .unwrap_or(StatusVersion::V2),
             v1beta1: o.v1beta1.or(file.v1beta1).unwrap_or(true),
             auto_init: o.auto_init.or(file.auto_init).unwrap_or(false),
             drain_timeout,
@@ -257,30 +299,47 @@ impl ServeConfig {
 
 fn validate_socket_path(p: &Path) -> Result<(), ConfigError> {
     if !p.is_absolute() {
-        return Err(invalid("socket", format!("{} is not an absolute path", p.display())));
+        return Err(invalid(
+            "socket",
+            format!("{} is not an absolute path", p.display()),
+        ));
     }
     // sun_path holds 108 bytes including the terminating NUL.
     let len = p.as_os_str().len();
     if len > 107 {
         return Err(invalid(
             "socket",
-            format!("{} is {len} bytes; Unix socket paths are limited to 107", p.display()),
+            format!(
+                "{} is {len} bytes; Unix socket paths are limited to 107",
+                p.display()
+            ),
         ));
     }
     Ok(())
 }
 
 fn parse_duration(setting: &'static str, s: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s)
-        .map_err(|e| invalid(setting, format!("{s:?} is not a duration like 5s, 10m or 30d ({e})")))
+    humantime::parse_duration(s).map_err(|e| {
+        invalid(
+            setting,
+            format!("{s:?} is not a duration like 5s, 10m or 30d ({e})"),
+        )
+    })
 }
 
 /// Octal socket mode. Refuses bits for "others": anyone who can connect can decrypt.
 pub fn parse_mode(s: &str) -> Result<u32, ConfigError> {
-    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .map_err(|_| invalid("socket_mode", format!("{s:?} is not an octal mode like 0600")))?;
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|_| {
+        invalid(
+            "socket_mode",
+            format!("{s:?} is not an octal mode like 0600"),
+        )
+    })?;
     if mode > 0o777 {
-        return Err(invalid("socket_mode", format!("{s:?} has bits beyond 0777")));
+        return Err(invalid(
+            "socket_mode",
+            format!("{s:?} has bits beyond 0777"),
+        ));
     }
     if mode & 0o007 != 0 {
         return Err(invalid(
@@ -292,7 +351,10 @@ pub fn parse_mode(s: &str) -> Result<u32, ConfigError> {
         ));
     }
     if mode & 0o600 != 0o600 {
-        return Err(invalid("socket_mode", format!("{s:?} must include 0600 (owner read/write)")));
+        return Err(invalid(
+            "socket_mode",
+            format!("{s:?} must include 0600 (owner read/write)"),
+        ));
     }
     Ok(mode)
 }
@@ -303,7 +365,10 @@ fn resolve_group(g: &str) -> Result<u32, ConfigError> {
         return Ok(gid);
     }
     let groups = fs::read_to_string("/etc/group").map_err(|e| {
-        invalid("socket_group", format!("cannot read /etc/group to look up {g:?}: {e}; give a numeric gid"))
+        invalid(
+            "socket_group",
+            format!("cannot read /etc/group to look up {g:?}: {e}; give a numeric gid"),
+        )
     })?;
     groups
         .lines()
@@ -321,20 +386,30 @@ mod tests {
     use super::*;
 
     fn store() -> StoreConfig {
-        StoreConfig::resolve(None, Some(BackendKind::InsecureSoftware), None, TpmOverrides::default(), &FileConfig::default())
-            .unwrap()
+        StoreConfig::resolve(
+            None,
+            Some(BackendKind::InsecureSoftware),
+            None,
+            TpmOverrides::default(),
+            &FileConfig::default(),
+        )
+        .unwrap()
     }
 
     #[test]
     fn defaults_resolve() {
-        let c = ServeConfig::resolve(store(), ServeOverrides::default(), &FileConfig::default()).unwrap();
+        let c = ServeConfig::resolve(store(), ServeOverrides::default(), &FileConfig::default())
+            .unwrap();
         assert_eq!(c.socket, PathBuf::from(defaults::SOCKET));
         assert_eq!(c.socket_mode, 0o600);
         assert_eq!(c.http_addr, Some(defaults::HTTP_ADDR.parse().unwrap()));
         assert_eq!(c.reload_interval, Duration::from_secs(5));
         assert!(c.rotate_every.is_none());
         assert!(c.v1beta1);
-        assert_eq!(c.store.insecure_root_key, Path::new(defaults::KEY_STORE).join("insecure-software-root.key"));
+        assert_eq!(
+            c.store.insecure_root_key,
+            Path::new(defaults::KEY_STORE).join("insecure-software-root.key")
+        );
     }
 
     #[test]
@@ -343,7 +418,10 @@ mod tests {
             "socket = \"/run/a.sock\"\nrotate_every = \"30d\"\nhttp_addr = \"off\"\nbackend = \"tpm\"",
         )
         .unwrap();
-        let o = ServeOverrides { socket: Some("/run/b.sock".into()), ..Default::default() };
+        let o = ServeOverrides {
+            socket: Some("/run/b.sock".into()),
+            ..Default::default()
+        };
         let s = StoreConfig::resolve(None, None, None, TpmOverrides::default(), &file).unwrap();
         assert_eq!(s.backend, BackendKind::Tpm);
         let c = ServeConfig::resolve(s, o, &file).unwrap();
@@ -354,24 +432,77 @@ mod tests {
 
     #[test]
     fn rejects_bad_values() {
-        assert!(toml::from_str::<FileConfig>("sockte = \"/x\"").is_err(), "unknown keys are errors");
-        assert!(parse_mode("0666").unwrap_err().to_string().contains("every local user"));
+        assert!(
+            toml::from_str::<FileConfig>("sockte = \"/x\"").is_err(),
+            "unknown keys are errors"
+        );
+        assert!(
+            parse_mode("0666")
+                .unwrap_err()
+                .to_string()
+                .contains("every local user")
+        );
         assert!(parse_mode("0640").is_ok());
         assert!(parse_mode("0400").is_err());
         assert!(parse_mode("abc").is_err());
-        let bad = |o: ServeOverrides| ServeConfig::resolve(store(), o, &FileConfig::default()).unwrap_err().to_string();
-        assert!(bad(ServeOverrides { socket: Some("rel.sock".into()), ..Default::default() }).contains("absolute"));
-        assert!(bad(ServeOverrides { socket: Some(format!("/{}", "a".repeat(120)).into()), ..Default::default() }).contains("107"));
-        assert!(bad(ServeOverrides { http_addr: Some("localhost".into()), ..Default::default() }).contains("HOST:PORT"));
-        assert!(bad(ServeOverrides { reload_interval: Some("1h".into()), ..Default::default() }).contains("between"));
-        assert!(bad(ServeOverrides { rotate_every: Some("soon".into()), ..Default::default() }).contains("duration"));
-        let none = StoreConfig::resolve(None, None, None, TpmOverrides::default(), &FileConfig::default()).unwrap_err();
+        let bad = |o: ServeOverrides| {
+            ServeConfig::resolve(store(), o, &FileConfig::default())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            bad(ServeOverrides {
+                socket: Some("rel.sock".into()),
+                ..Default::default()
+            })
+            .contains("absolute")
+        );
+        assert!(
+            bad(ServeOverrides {
+                socket: Some(format!("/{}", "a".repeat(120)).into()),
+                ..Default::default()
+            })
+            .contains("107")
+        );
+        assert!(
+            bad(ServeOverrides {
+                http_addr: Some("localhost".into()),
+                ..Default::default()
+            })
+            .contains("HOST:PORT")
+        );
+        assert!(
+            bad(ServeOverrides {
+                reload_interval: Some("1h".into()),
+                ..Default::default()
+            })
+            .contains("between")
+        );
+        assert!(
+            bad(ServeOverrides {
+                rotate_every: Some("soon".into()),
+                ..Default::default()
+            })
+            .contains("duration")
+        );
+        let none = StoreConfig::resolve(
+            None,
+            None,
+            None,
+            TpmOverrides::default(),
+            &FileConfig::default(),
+        )
+        .unwrap_err();
         let tpm = |pcr: &str, srk: &str| {
             StoreConfig::resolve(
                 None,
                 Some(BackendKind::Tpm),
                 None,
-                TpmOverrides { pcr_policy: Some(pcr.into()), srk_handle: Some(srk.into()), ..Default::default() },
+                TpmOverrides {
+                    pcr_policy: Some(pcr.into()),
+                    srk_handle: Some(srk.into()),
+                    ..Default::default()
+                },
                 &FileConfig::default(),
             )
         };
@@ -379,8 +510,18 @@ mod tests {
         assert_eq!(ok.tpm.srk_handle, Some(0x8100_0005));
         assert_eq!(ok.tpm.pcr_policy.unwrap().to_string(), "sha256:7");
         assert_eq!(tpm("off", "off").unwrap().tpm.srk_handle, None);
-        assert!(tpm("sha256:99", "off").unwrap_err().to_string().contains("0 to 23"));
-        assert!(tpm("off", "0x80000001").unwrap_err().to_string().contains("persistent"));
+        assert!(
+            tpm("sha256:99", "off")
+                .unwrap_err()
+                .to_string()
+                .contains("0 to 23")
+        );
+        assert!(
+            tpm("off", "0x80000001")
+                .unwrap_err()
+                .to_string()
+                .contains("persistent")
+        );
         assert!(none.to_string().contains("--backend tpm"));
     }
 
@@ -401,7 +542,10 @@ mod reference_file {
     fn reference_config_parses_and_matches_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kms-plugin/config.toml");
         let file = FileConfig::load(Some(&path)).unwrap();
-        assert_eq!(file.key_store.as_deref(), Some(Path::new(defaults::KEY_STORE)));
+        assert_eq!(
+            file.key_store.as_deref(),
+            Some(Path::new(defaults::KEY_STORE))
+        );
         assert_eq!(file.socket.as_deref(), Some(Path::new(defaults::SOCKET)));
         assert_eq!(file.http_addr.as_deref(), Some(defaults::HTTP_ADDR));
         assert_eq!(file.backend, Some(BackendKind::Tpm));
@@ -417,6 +561,8 @@ mod reference_file {
             .join("\n");
         let all: FileConfig = toml::from_str(&uncommented).unwrap();
         assert!(all.rotate_every.is_some() && all.socket_group.is_some() && all.tcti.is_some());
-        assert!(all.pcr_policy.is_some() && all.srk_handle.is_some() && all.owner_auth_file.is_some());
+        assert!(
+            all.pcr_policy.is_some() && all.srk_handle.is_some() && all.owner_auth_file.is_some()
+        );
     }
 }

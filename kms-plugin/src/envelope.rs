@@ -201,7 +201,10 @@ pub fn parse_v2(ciphertext: &[u8]) -> Result<ParsedV2<'_>, EnvelopeError> {
     // At least one byte of plaintext: Encrypt never seals an empty one.
     let min = 1 + NONCE_LEN + 1 + TAG_LEN;
     if ciphertext.len() < min {
-        return Err(EnvelopeError::Truncated { len: ciphertext.len(), min });
+        return Err(EnvelopeError::Truncated {
+            len: ciphertext.len(),
+            min,
+        });
     }
     let (nonce, sealed) = rest.split_at(NONCE_LEN);
     Ok(ParsedV2 { nonce, sealed })
@@ -230,11 +233,15 @@ pub fn parse_v1(ciphertext: &[u8]) -> Result<ParsedV1<'_>, EnvelopeError> {
         return Err(truncated());
     }
     let (id, rest) = rest.split_at(id_len);
-    let id = std::str::from_utf8(id)
-        .map_err(|_| EnvelopeError::BadEmbeddedKeyId("not UTF-8".into()))?;
+    let id =
+        std::str::from_utf8(id).map_err(|_| EnvelopeError::BadEmbeddedKeyId("not UTF-8".into()))?;
     let key_id = KeyId::parse(id).map_err(|e| EnvelopeError::BadEmbeddedKeyId(e.to_string()))?;
     let (nonce, sealed) = rest.split_at(NONCE_LEN);
-    Ok(ParsedV1 { key_id, nonce, sealed })
+    Ok(ParsedV1 {
+        key_id,
+        nonce,
+        sealed,
+    })
 }
 
 fn check_format(found: u8, expected: u8) -> Result<(), EnvelopeError> {
@@ -291,7 +298,10 @@ mod tests {
         for i in 0..ct.len() * 8 {
             let mut bad = ct.clone();
             bad[i / 8] ^= 1 << (i % 8);
-            assert!(c.open_v2(&id, &bad).is_err(), "flip of bit {i} went unnoticed");
+            assert!(
+                c.open_v2(&id, &bad).is_err(),
+                "flip of bit {i} went unnoticed"
+            );
         }
     }
 
@@ -300,7 +310,10 @@ mod tests {
         let (c, id) = cipher();
         let ct = c.seal_v2(&id, &seed()).unwrap();
         for n in 0..ct.len() {
-            assert!(c.open_v2(&id, &ct[..n]).is_err(), "truncation to {n} went unnoticed");
+            assert!(
+                c.open_v2(&id, &ct[..n]).is_err(),
+                "truncation to {n} went unnoticed"
+            );
         }
     }
 
@@ -309,7 +322,10 @@ mod tests {
         let (c, id) = cipher();
         let ct = c.seal_v2(&id, &seed()).unwrap();
         let other = KeyId::parse("kek-0002-test").unwrap();
-        assert_eq!(c.open_v2(&other, &ct).err(), Some(EnvelopeError::AuthenticationFailed));
+        assert_eq!(
+            c.open_v2(&other, &ct).err(),
+            Some(EnvelopeError::AuthenticationFailed)
+        );
     }
 
     #[test]
@@ -317,7 +333,10 @@ mod tests {
         let (c, id) = cipher();
         let (c2, _) = cipher();
         let ct = c.seal_v2(&id, &seed()).unwrap();
-        assert_eq!(c2.open_v2(&id, &ct).err(), Some(EnvelopeError::AuthenticationFailed));
+        assert_eq!(
+            c2.open_v2(&id, &ct).err(),
+            Some(EnvelopeError::AuthenticationFailed)
+        );
     }
 
     #[test]
@@ -326,19 +345,28 @@ mod tests {
         let v1 = c.seal_v1(&id, &seed()).unwrap();
         assert_eq!(
             c.open_v2(&id, &v1).err(),
-            Some(EnvelopeError::WrongFormat { found: FORMAT_V1, expected: FORMAT_V2 })
+            Some(EnvelopeError::WrongFormat {
+                found: FORMAT_V1,
+                expected: FORMAT_V2
+            })
         );
         let parsed = parse_v1(&v1).unwrap();
         assert_eq!(parsed.key_id, id);
         assert_eq!(c.open_v1(&parsed).unwrap().expose(), seed().expose());
         let mut unknown = c.seal_v2(&id, &seed()).unwrap();
         unknown[0] = 9;
-        assert_eq!(c.open_v2(&id, &unknown).err(), Some(EnvelopeError::UnknownFormat(9)));
+        assert_eq!(
+            c.open_v2(&id, &unknown).err(),
+            Some(EnvelopeError::UnknownFormat(9))
+        );
         // Relabelling a v1 ciphertext's body as v2 fails authentication.
         let mut relabelled = vec![FORMAT_V2];
         relabelled.extend_from_slice(parsed.nonce);
         relabelled.extend_from_slice(parsed.sealed);
-        assert_eq!(c.open_v2(&id, &relabelled).err(), Some(EnvelopeError::AuthenticationFailed));
+        assert_eq!(
+            c.open_v2(&id, &relabelled).err(),
+            Some(EnvelopeError::AuthenticationFailed)
+        );
     }
 
     #[test]
@@ -350,7 +378,10 @@ mod tests {
             let _ = parse_v1(&framed);
             let _ = parse_v2(&junk);
         }
-        assert!(matches!(parse_v1(&[FORMAT_V1, 0xff, 0xff, 1, 2]), Err(EnvelopeError::Truncated { .. })));
+        assert!(matches!(
+            parse_v1(&[FORMAT_V1, 0xff, 0xff, 1, 2]),
+            Err(EnvelopeError::Truncated { .. })
+        ));
     }
 
     #[test]

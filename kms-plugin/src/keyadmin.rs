@@ -45,10 +45,20 @@ pub fn init(
 ) -> Result<KeyId, AdminError> {
     let mut manifest = Manifest::new(backend.identity()?);
     if let Some(pem) = recovery_pem {
-        keywrap::parse_public_pem(&pem, "recovery public key", std::path::Path::new("-"), keywrap::MIN_RECOVERY_BITS)?;
+        keywrap::parse_public_pem(
+            &pem,
+            "recovery public key",
+            std::path::Path::new("-"),
+            keywrap::MIN_RECOVERY_BITS,
+        )?;
         manifest.recovery_public = Some(pem);
     }
-    let record = new_record(&mut manifest, backend, KeyState::Active, OffsetDateTime::now_utc())?;
+    let record = new_record(
+        &mut manifest,
+        backend,
+        KeyState::Active,
+        OffsetDateTime::now_utc(),
+    )?;
     let id = record.id.clone();
     manifest.add(record);
     store.create(&manifest)?;
@@ -57,7 +67,11 @@ pub fn init(
 
 /// Adds a new key, `Active` (rotation in one step: the old key turns decrypt-only) or
 /// `DecryptOnly` (staged, for two-phase rotation across nodes).
-pub fn add(store: &KeyStore, backend: &dyn KeyBackend, state: KeyState) -> Result<KeyId, AdminError> {
+pub fn add(
+    store: &KeyStore,
+    backend: &dyn KeyBackend,
+    state: KeyState,
+) -> Result<KeyId, AdminError> {
     let (id, _) = store.update(|m| {
         backend.verify_identity(&m.backend)?;
         let record = new_record(m, backend, state, OffsetDateTime::now_utc())?;
@@ -109,23 +123,46 @@ fn new_record(
     })
 }
 
-fn recovery_wrap(manifest: &Manifest, id: &KeyId, kek: &Kek) -> Result<Option<Vec<u8>>, AdminError> {
-    let Some(pem) = &manifest.recovery_public else { return Ok(None) };
-    let key = keywrap::parse_public_pem(pem, "recovery public key in the manifest", std::path::Path::new("manifest.json"), keywrap::MIN_RECOVERY_BITS)?;
+fn recovery_wrap(
+    manifest: &Manifest,
+    id: &KeyId,
+    kek: &Kek,
+) -> Result<Option<Vec<u8>>, AdminError> {
+    let Some(pem) = &manifest.recovery_public else {
+        return Ok(None);
+    };
+    let key = keywrap::parse_public_pem(
+        pem,
+        "recovery public key in the manifest",
+        std::path::Path::new("manifest.json"),
+        keywrap::MIN_RECOVERY_BITS,
+    )?;
     Ok(Some(keywrap::wrap(&key, Purpose::Recovery, id, kek)?))
 }
 
 /// Sets (or replaces) the offline recovery key and wraps every usable key to it. Keys
 /// are unsealed one at a time to be wrapped; nothing is written if any of them fails.
-pub fn set_recovery(store: &KeyStore, backend: &dyn KeyBackend, pem: String) -> Result<usize, AdminError> {
-    let key = keywrap::parse_public_pem(&pem, "recovery public key", std::path::Path::new("-"), keywrap::MIN_RECOVERY_BITS)?;
+pub fn set_recovery(
+    store: &KeyStore,
+    backend: &dyn KeyBackend,
+    pem: String,
+) -> Result<usize, AdminError> {
+    let key = keywrap::parse_public_pem(
+        &pem,
+        "recovery public key",
+        std::path::Path::new("-"),
+        keywrap::MIN_RECOVERY_BITS,
+    )?;
     let (n, _) = store.update(|m| {
         backend.verify_identity(&m.backend)?;
         let mut n = 0;
         for k in m.keys.iter_mut().filter(|k| k.state != KeyState::Retired) {
             let kek = backend.unseal(&k.id, &k.sealed)?;
             if check_value(&kek) != k.check_value {
-                return Err(KeyStoreError::CheckValueMismatch { key_id: k.id.to_string() }.into());
+                return Err(KeyStoreError::CheckValueMismatch {
+                    key_id: k.id.to_string(),
+                }
+                .into());
             }
             k.recovery = Some(keywrap::wrap(&key, Purpose::Recovery, &k.id, &kek)?);
             n += 1;
@@ -170,7 +207,11 @@ pub struct KeyBundle {
 
 /// This node's transport key (created on first use; an uninitialized key store is
 /// created empty to hold it, so a new node can join before it has any key).
-pub fn node_public(store: &KeyStore, backend: &dyn KeyBackend, node: &str) -> Result<NodePublic, AdminError> {
+pub fn node_public(
+    store: &KeyStore,
+    backend: &dyn KeyBackend,
+    node: &str,
+) -> Result<NodePublic, AdminError> {
     if !store.is_initialized() {
         store.create(&Manifest::new(backend.identity()?))?;
     }
@@ -179,11 +220,16 @@ pub fn node_public(store: &KeyStore, backend: &dyn KeyBackend, node: &str) -> Re
         if m.transport.is_none() {
             let (sealed, public) = backend.create_transport_key()?;
             let public_pem = keywrap::public_pem(&public)?;
-            m.transport = Some(TransportRecord { fingerprint: keywrap::fingerprint(&public), public_pem, sealed });
+            m.transport = Some(TransportRecord {
+                fingerprint: keywrap::fingerprint(&public),
+                public_pem,
+                sealed,
+            });
         }
         Ok::<_, AdminError>(m.transport.clone())
     })?;
-    let record = record.ok_or_else(|| AdminError::Refused("no transport key after creating one".into()))?;
+    let record =
+        record.ok_or_else(|| AdminError::Refused("no transport key after creating one".into()))?;
     Ok(NodePublic {
         format: NODE_PUBLIC_FORMAT.into(),
         node: node.into(),
@@ -195,9 +241,17 @@ pub fn node_public(store: &KeyStore, backend: &dyn KeyBackend, node: &str) -> Re
 
 /// Wraps a key of this store to another node's transport key. Only keys created here can
 /// be exported: an enrolled key is not passed on from node to node.
-pub fn export(store: &KeyStore, backend: &dyn KeyBackend, key_id: &str, to: &NodePublic) -> Result<KeyBundle, AdminError> {
+pub fn export(
+    store: &KeyStore,
+    backend: &dyn KeyBackend,
+    key_id: &str,
+    to: &NodePublic,
+) -> Result<KeyBundle, AdminError> {
     if to.format != NODE_PUBLIC_FORMAT {
-        return Err(AdminError::Refused(format!("the node public file has format {:?}; expected {NODE_PUBLIC_FORMAT:?}", to.format)));
+        return Err(AdminError::Refused(format!(
+            "the node public file has format {:?}; expected {NODE_PUBLIC_FORMAT:?}",
+            to.format
+        )));
     }
     let manifest = store.load()?;
     backend.verify_identity(&manifest.backend)?;
@@ -208,9 +262,16 @@ pub fn export(store: &KeyStore, backend: &dyn KeyBackend, key_id: &str, to: &Nod
         )));
     }
     if record.state == KeyState::Retired {
-        return Err(AdminError::Refused(format!("key {key_id} is retired; reinstate it before exporting it")));
+        return Err(AdminError::Refused(format!(
+            "key {key_id} is retired; reinstate it before exporting it"
+        )));
     }
-    let public = keywrap::parse_public_pem(&to.transport_public_pem, "node transport key", std::path::Path::new("node public file"), keywrap::MIN_TRANSPORT_BITS)?;
+    let public = keywrap::parse_public_pem(
+        &to.transport_public_pem,
+        "node transport key",
+        std::path::Path::new("node public file"),
+        keywrap::MIN_TRANSPORT_BITS,
+    )?;
     let fingerprint = keywrap::fingerprint(&public);
     if fingerprint != to.transport_fingerprint {
         return Err(AdminError::Refused(format!(
@@ -220,7 +281,10 @@ pub fn export(store: &KeyStore, backend: &dyn KeyBackend, key_id: &str, to: &Nod
     }
     let kek = backend.unseal(&record.id, &record.sealed)?;
     if check_value(&kek) != record.check_value {
-        return Err(KeyStoreError::CheckValueMismatch { key_id: key_id.into() }.into());
+        return Err(KeyStoreError::CheckValueMismatch {
+            key_id: key_id.into(),
+        }
+        .into());
     }
     let wrapped = keywrap::wrap(&public, Purpose::Transport, &record.id, &kek)?;
     Ok(KeyBundle {
@@ -236,12 +300,22 @@ pub fn export(store: &KeyStore, backend: &dyn KeyBackend, key_id: &str, to: &Nod
 /// Unwraps a bundle with this node's transport key (inside the TPM), checks it against
 /// its check value and seals it here. It arrives decrypt-only, except into an empty key
 /// store, where the first key becomes the active one.
-pub fn import(store: &KeyStore, backend: &dyn KeyBackend, bundle: &KeyBundle) -> Result<KeyState, AdminError> {
+pub fn import(
+    store: &KeyStore,
+    backend: &dyn KeyBackend,
+    bundle: &KeyBundle,
+) -> Result<KeyState, AdminError> {
     if bundle.format != BUNDLE_FORMAT {
-        return Err(AdminError::Refused(format!("the bundle has format {:?}; expected {BUNDLE_FORMAT:?}", bundle.format)));
+        return Err(AdminError::Refused(format!(
+            "the bundle has format {:?}; expected {BUNDLE_FORMAT:?}",
+            bundle.format
+        )));
     }
-    let wrapped = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, bundle.wrapped.as_bytes())
-        .map_err(|e| AdminError::Refused(format!("the bundle's wrapped key is not base64: {e}")))?;
+    let wrapped = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        bundle.wrapped.as_bytes(),
+    )
+    .map_err(|e| AdminError::Refused(format!("the bundle's wrapped key is not base64: {e}")))?;
     let (state, _) = store.update(|m| {
         backend.verify_identity(&m.backend)?;
         let transport = m.transport.as_ref().ok_or_else(|| {
@@ -258,16 +332,27 @@ pub fn import(store: &KeyStore, backend: &dyn KeyBackend, bundle: &KeyBundle) ->
             )));
         }
         if m.keys.iter().any(|k| k.id == bundle.key_id) {
-            return Err(ManifestError::AlreadyInState { id: bundle.key_id.clone(), state: "enrolled" }.into());
+            return Err(ManifestError::AlreadyInState {
+                id: bundle.key_id.clone(),
+                state: "enrolled",
+            }
+            .into());
         }
         let label = keywrap::label(Purpose::Transport, &bundle.key_id);
         let kek = backend.transport_unwrap(&transport.sealed, &bundle.key_id, &label, &wrapped)?;
         if check_value(&kek) != bundle.check_value {
-            return Err(KeyStoreError::CheckValueMismatch { key_id: bundle.key_id.to_string() }.into());
+            return Err(KeyStoreError::CheckValueMismatch {
+                key_id: bundle.key_id.to_string(),
+            }
+            .into());
         }
         let sealed = backend.seal(&bundle.key_id, &kek)?;
         let recovery = recovery_wrap(m, &bundle.key_id, &kek)?;
-        let state = if m.keys.is_empty() { KeyState::Active } else { KeyState::DecryptOnly };
+        let state = if m.keys.is_empty() {
+            KeyState::Active
+        } else {
+            KeyState::DecryptOnly
+        };
         let now = OffsetDateTime::now_utc();
         let serial = m.take_serial();
         m.add(KeyRecord {
@@ -312,17 +397,24 @@ pub fn recover(
         let mut failures = Vec::new();
         for k in &mut m.keys {
             let kek = match (&k.recovery, recovery_private) {
-                (Some(w), Some(private)) => keywrap::unwrap(private, Purpose::Recovery, &k.id, w).map_err(|e| e.to_string()),
+                (Some(w), Some(private)) => {
+                    keywrap::unwrap(private, Purpose::Recovery, &k.id, w).map_err(|e| e.to_string())
+                }
                 _ => backend.unseal(&k.id, &k.sealed).map_err(|e| e.to_string()),
             };
             let kek = match kek {
                 Ok(kek) if check_value(&kek) == k.check_value => kek,
                 Ok(_) => {
-                    failures.push(format!("{}: the recovered key does not match its check value", k.id));
+                    failures.push(format!(
+                        "{}: the recovered key does not match its check value",
+                        k.id
+                    ));
                     continue;
                 }
                 Err(e) if k.state == KeyState::Retired => {
-                    report.not_recoverable_retired.push(format!("{}: {e}", k.id));
+                    report
+                        .not_recoverable_retired
+                        .push(format!("{}: {e}", k.id));
                     continue;
                 }
                 Err(e) => {
@@ -341,7 +433,11 @@ pub fn recover(
             return Err(AdminError::Refused(format!(
                 "nothing was changed, because these keys could not be recovered: {}.{}",
                 failures.join("; "),
-                if recovery_private.is_none() { " Pass --recovery-private with the offline recovery key." } else { "" }
+                if recovery_private.is_none() {
+                    " Pass --recovery-private with the offline recovery key."
+                } else {
+                    ""
+                }
             )));
         }
         if m.backend != identity {

@@ -86,10 +86,12 @@ impl fmt::Debug for KeyId {
 /// Lowercase hex of public bytes (ids, fingerprints). Never used on secrets.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]
@@ -109,7 +111,10 @@ mod tests {
     #[test]
     fn rejects_bad_ids() {
         assert_eq!(KeyId::parse(""), Err(KeyIdError::Empty));
-        assert_eq!(KeyId::parse(&"a".repeat(1025)), Err(KeyIdError::TooLong(1025)));
+        assert_eq!(
+            KeyId::parse(&"a".repeat(1025)),
+            Err(KeyIdError::TooLong(1025))
+        );
         assert_eq!(KeyId::parse("Kek"), Err(KeyIdError::BadChar('K')));
         assert_eq!(KeyId::parse("a/b"), Err(KeyIdError::BadChar('/')));
         assert!(KeyId::parse(&"a".repeat(1024)).is_ok());

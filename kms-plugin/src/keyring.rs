@@ -76,12 +76,17 @@ impl LoadedKek {
     pub fn take_nonce(&self) -> Result<(), BudgetError> {
         let n = self.used.fetch_add(1, Ordering::Relaxed);
         if n >= HARD_ENCRYPTION_LIMIT {
-            return Err(BudgetError::Exhausted { id: self.id.clone(), used: n });
+            return Err(BudgetError::Exhausted {
+                id: self.id.clone(),
+                used: n,
+            });
         }
         if n >= self.reserved.load(Ordering::Acquire) {
             // Give the nonce back: it was not used.
             self.used.fetch_sub(1, Ordering::Relaxed);
-            return Err(BudgetError::ReservationPending { id: self.id.clone() });
+            return Err(BudgetError::ReservationPending {
+                id: self.id.clone(),
+            });
         }
         Ok(())
     }
@@ -96,7 +101,8 @@ impl LoadedKek {
 
     /// True when less than half a block of reserved encryptions is left.
     pub fn wants_reservation(&self) -> bool {
-        self.used() + RESERVATION_BLOCK / 2 >= self.reserved() && self.used() < HARD_ENCRYPTION_LIMIT
+        self.used() + RESERVATION_BLOCK / 2 >= self.reserved()
+            && self.used() < HARD_ENCRYPTION_LIMIT
     }
 
     /// Records a reservation made in the key store: `[from, to)`. If the store's count was
@@ -127,7 +133,12 @@ pub enum Lookup<'a> {
 
 impl KeyRing {
     pub fn empty() -> Self {
-        Self { generation: 0, active: None, usable: HashMap::new(), states: HashMap::new() }
+        Self {
+            generation: 0,
+            active: None,
+            usable: HashMap::new(),
+            states: HashMap::new(),
+        }
     }
 
     /// Builds the ring for `manifest`, reusing keys already unsealed in `previous` (so a
@@ -154,7 +165,11 @@ impl KeyRing {
                             key_id: record.id.to_string(),
                         });
                     }
-                    Arc::new(LoadedKek::new(record.id.clone(), &kek, record.encryptions_reserved))
+                    Arc::new(LoadedKek::new(
+                        record.id.clone(),
+                        &kek,
+                        record.encryptions_reserved,
+                    ))
                 }
             };
             if record.state == KeyState::Active {
@@ -162,7 +177,12 @@ impl KeyRing {
             }
             usable.insert(record.id.clone(), loaded);
         }
-        Ok(Self { generation: manifest.generation, active, usable, states })
+        Ok(Self {
+            generation: manifest.generation,
+            active,
+            usable,
+            states,
+        })
     }
 
     pub fn generation(&self) -> u64 {
@@ -206,16 +226,25 @@ mod tests {
         let kek = Kek::generate().unwrap();
         let id = KeyId::parse("k").unwrap();
         let k = LoadedKek::new(id.clone(), &kek, 0);
-        assert_eq!(k.take_nonce(), Err(BudgetError::ReservationPending { id: id.clone() }));
+        assert_eq!(
+            k.take_nonce(),
+            Err(BudgetError::ReservationPending { id: id.clone() })
+        );
         assert!(k.wants_reservation());
         k.grant(0, 2);
         k.take_nonce().unwrap();
         k.take_nonce().unwrap();
-        assert!(matches!(k.take_nonce(), Err(BudgetError::ReservationPending { .. })));
+        assert!(matches!(
+            k.take_nonce(),
+            Err(BudgetError::ReservationPending { .. })
+        ));
         assert_eq!(k.used(), 2);
         let worn = LoadedKek::new(id, &kek, HARD_ENCRYPTION_LIMIT);
         worn.grant(HARD_ENCRYPTION_LIMIT, HARD_ENCRYPTION_LIMIT + 10);
-        assert!(matches!(worn.take_nonce(), Err(BudgetError::Exhausted { .. })));
+        assert!(matches!(
+            worn.take_nonce(),
+            Err(BudgetError::Exhausted { .. })
+        ));
         assert!(!worn.wants_reservation());
     }
 

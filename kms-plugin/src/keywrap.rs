@@ -31,9 +31,16 @@ pub enum WrapError {
         source: std::io::Error,
     },
     #[error("{what} {}: not an RSA key in PEM form (\"PUBLIC KEY\", \"RSA PUBLIC KEY\", \"PRIVATE KEY\" or \"RSA PRIVATE KEY\")", path.display())]
-    NotAKey { what: &'static str, path: std::path::PathBuf },
+    NotAKey {
+        what: &'static str,
+        path: std::path::PathBuf,
+    },
     #[error("{what} is a {bits}-bit RSA key; at least {min} bits are required")]
-    TooSmall { what: &'static str, bits: usize, min: usize },
+    TooSmall {
+        what: &'static str,
+        bits: usize,
+        min: usize,
+    },
     #[error("RSA-OAEP wrapping failed: {0}")]
     Wrap(String),
     #[error(
@@ -57,7 +64,10 @@ pub fn label(purpose: Purpose, key_id: &KeyId) -> String {
         Purpose::Recovery => "edgeseal/kek-recovery/v1",
         Purpose::Transport => "edgeseal/kek-transport/v1",
     };
-    format!("{p} {}\0", hex(&Sha256::digest(key_id.as_str().as_bytes())[..16]))
+    format!(
+        "{p} {}\0",
+        hex(&Sha256::digest(key_id.as_str().as_bytes())[..16])
+    )
 }
 
 /// Public identity of an RSA key: SHA-256 of its SubjectPublicKeyInfo, shortened.
@@ -69,43 +79,81 @@ pub fn fingerprint(key: &RsaPublicKey) -> String {
 }
 
 pub fn public_pem(key: &RsaPublicKey) -> Result<String, WrapError> {
-    key.to_public_key_pem(LineEnding::LF).map_err(|e| WrapError::Wrap(e.to_string()))
+    key.to_public_key_pem(LineEnding::LF)
+        .map_err(|e| WrapError::Wrap(e.to_string()))
 }
 
-pub fn parse_public_pem(pem: &str, what: &'static str, path: &Path, min_bits: usize) -> Result<RsaPublicKey, WrapError> {
+pub fn parse_public_pem(
+    pem: &str,
+    what: &'static str,
+    path: &Path,
+    min_bits: usize,
+) -> Result<RsaPublicKey, WrapError> {
     let key = RsaPublicKey::from_public_key_pem(pem)
         .or_else(|_| RsaPublicKey::from_pkcs1_pem(pem))
-        .map_err(|_| WrapError::NotAKey { what, path: path.to_owned() })?;
+        .map_err(|_| WrapError::NotAKey {
+            what,
+            path: path.to_owned(),
+        })?;
     let bits = key.size() * 8;
     if bits < min_bits {
-        return Err(WrapError::TooSmall { what, bits, min: min_bits });
+        return Err(WrapError::TooSmall {
+            what,
+            bits,
+            min: min_bits,
+        });
     }
     Ok(key)
 }
 
-pub fn read_public(path: &Path, what: &'static str, min_bits: usize) -> Result<RsaPublicKey, WrapError> {
-    let pem = std::fs::read_to_string(path).map_err(|source| WrapError::Read { path: path.to_owned(), source })?;
+pub fn read_public(
+    path: &Path,
+    what: &'static str,
+    min_bits: usize,
+) -> Result<RsaPublicKey, WrapError> {
+    let pem = std::fs::read_to_string(path).map_err(|source| WrapError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     parse_public_pem(&pem, what, path, min_bits)
 }
 
 pub fn read_private(path: &Path, what: &'static str) -> Result<RsaPrivateKey, WrapError> {
     let pem = Zeroizing::new(
-        std::fs::read_to_string(path).map_err(|source| WrapError::Read { path: path.to_owned(), source })?,
+        std::fs::read_to_string(path).map_err(|source| WrapError::Read {
+            path: path.to_owned(),
+            source,
+        })?,
     );
     RsaPrivateKey::from_pkcs8_pem(&pem)
         .or_else(|_| RsaPrivateKey::from_pkcs1_pem(&pem))
-        .map_err(|_| WrapError::NotAKey { what, path: path.to_owned() })
+        .map_err(|_| WrapError::NotAKey {
+            what,
+            path: path.to_owned(),
+        })
 }
 
-pub fn wrap(to: &RsaPublicKey, purpose: Purpose, key_id: &KeyId, kek: &Kek) -> Result<Vec<u8>, WrapError> {
+pub fn wrap(
+    to: &RsaPublicKey,
+    purpose: Purpose,
+    key_id: &KeyId,
+    kek: &Kek,
+) -> Result<Vec<u8>, WrapError> {
     let padding = Oaep::new_with_label::<Sha256, _>(label(purpose, key_id));
     to.encrypt(&mut rsa::rand_core::OsRng, padding, kek.expose())
         .map_err(|e| WrapError::Wrap(e.to_string()))
 }
 
-pub fn unwrap(with: &RsaPrivateKey, purpose: Purpose, key_id: &KeyId, wrapped: &[u8]) -> Result<Kek, WrapError> {
+pub fn unwrap(
+    with: &RsaPrivateKey,
+    purpose: Purpose,
+    key_id: &KeyId,
+    wrapped: &[u8],
+) -> Result<Kek, WrapError> {
     let padding = Oaep::new_with_label::<Sha256, _>(label(purpose, key_id));
-    let fail = || WrapError::Unwrap { key_id: key_id.clone() };
+    let fail = || WrapError::Unwrap {
+        key_id: key_id.clone(),
+    };
     let clear = Zeroizing::new(with.decrypt(padding, wrapped).map_err(|_| fail())?);
     Kek::from_slice(&clear).ok_or_else(fail)
 }
@@ -122,12 +170,24 @@ mod tests {
         let id = KeyId::parse("kek-1").unwrap();
         let kek = Kek::generate().unwrap();
         let w = wrap(&public, Purpose::Recovery, &id, &kek).unwrap();
-        assert_eq!(unwrap(&private, Purpose::Recovery, &id, &w).unwrap().expose(), kek.expose());
-        assert!(unwrap(&private, Purpose::Transport, &id, &w).is_err(), "purpose is bound");
+        assert_eq!(
+            unwrap(&private, Purpose::Recovery, &id, &w)
+                .unwrap()
+                .expose(),
+            kek.expose()
+        );
+        assert!(
+            unwrap(&private, Purpose::Transport, &id, &w).is_err(),
+            "purpose is bound"
+        );
         let other = KeyId::parse("kek-2").unwrap();
-        assert!(unwrap(&private, Purpose::Recovery, &other, &w).is_err(), "key id is bound");
+        assert!(
+            unwrap(&private, Purpose::Recovery, &other, &w).is_err(),
+            "key id is bound"
+        );
         let pem = public_pem(&public).unwrap();
-        let err = parse_public_pem(&pem, "recovery key", Path::new("r.pem"), MIN_RECOVERY_BITS).unwrap_err();
+        let err = parse_public_pem(&pem, "recovery key", Path::new("r.pem"), MIN_RECOVERY_BITS)
+            .unwrap_err();
         assert!(err.to_string().contains("1024-bit"), "{err}");
         assert_eq!(
             fingerprint(&parse_public_pem(&pem, "k", Path::new("r.pem"), 1024).unwrap()),

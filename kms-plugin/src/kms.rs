@@ -62,7 +62,10 @@ pub struct Kms {
 
 impl Kms {
     pub fn new(ring: KeyRing) -> Self {
-        Self { ring: RwLock::new(Arc::new(ring)), reservation_wanted: Notify::new() }
+        Self {
+            ring: RwLock::new(Arc::new(ring)),
+            reservation_wanted: Notify::new(),
+        }
     }
 
     /// The current ring (cheap: an `Arc` clone under a read lock held for nanoseconds).
@@ -93,15 +96,26 @@ impl Kms {
     pub fn health(&self) -> Health {
         let ring = self.ring();
         let Some(active) = ring.active() else {
-            return Health { key_id: None, problem: Some(KmsError::NoActiveKey.to_string()) };
+            return Health {
+                key_id: None,
+                problem: Some(KmsError::NoActiveKey.to_string()),
+            };
         };
         let problem = self
             .take_nonce(active)
             .map_err(KmsError::from)
-            .and_then(|()| active.cipher().self_check(&active.id).map_err(KmsError::from))
+            .and_then(|()| {
+                active
+                    .cipher()
+                    .self_check(&active.id)
+                    .map_err(KmsError::from)
+            })
             .err()
             .map(|e| format!("self-check of key {} failed: {e}", active.id));
-        Health { key_id: Some(active.id.clone()), problem }
+        Health {
+            key_id: Some(active.id.clone()),
+            problem,
+        }
     }
 
     /// Encrypts a DEK seed for the v2 API under the active key.
@@ -110,12 +124,18 @@ impl Kms {
         let active = ring.active().ok_or(KmsError::NoActiveKey)?;
         self.take_nonce(active)?;
         let ciphertext = active.cipher().seal_v2(&active.id, plaintext)?;
-        Ok(Encrypted { ciphertext, key_id: active.id.clone() })
+        Ok(Encrypted {
+            ciphertext,
+            key_id: active.id.clone(),
+        })
     }
 
     /// The annotations returned with every v2 ciphertext.
     pub fn annotations() -> HashMap<String, Vec<u8>> {
-        HashMap::from([(ANNOTATION_KEY.to_owned(), FORMAT_V2.to_string().into_bytes())])
+        HashMap::from([(
+            ANNOTATION_KEY.to_owned(),
+            FORMAT_V2.to_string().into_bytes(),
+        )])
     }
 
     /// Decrypts a v2 ciphertext under the key the apiserver names.
@@ -224,15 +244,21 @@ mod tests {
         let seed = Plaintext::from_vec(vec![42; 32]);
         let enc = kms.encrypt_v2(&seed).unwrap();
         let ann = Kms::annotations();
-        let pt = kms.decrypt_v2(enc.key_id.as_str(), &enc.ciphertext, &ann).unwrap();
+        let pt = kms
+            .decrypt_v2(enc.key_id.as_str(), &enc.ciphertext, &ann)
+            .unwrap();
         assert_eq!(pt.expose(), seed.expose());
         // Without annotations too (they only restate the format byte).
-        kms.decrypt_v2(enc.key_id.as_str(), &enc.ciphertext, &HashMap::new()).unwrap();
+        kms.decrypt_v2(enc.key_id.as_str(), &enc.ciphertext, &HashMap::new())
+            .unwrap();
         assert!(matches!(
             kms.decrypt_v2("kek-9999-x", &enc.ciphertext, &ann),
             Err(KmsError::UnknownKeyId(_))
         ));
-        assert!(matches!(kms.decrypt_v2("", &enc.ciphertext, &ann), Err(KmsError::InvalidKeyId(_))));
+        assert!(matches!(
+            kms.decrypt_v2("", &enc.ciphertext, &ann),
+            Err(KmsError::InvalidKeyId(_))
+        ));
         let mut bad = ann.clone();
         bad.insert("x.example.com".into(), b"1".to_vec());
         assert!(matches!(
@@ -254,6 +280,9 @@ mod tests {
         let h = kms.health();
         assert!(h.key_id.is_none());
         assert!(h.problem.unwrap().contains("key init"));
-        assert!(matches!(kms.encrypt_v2(&Plaintext::from_vec(vec![1])), Err(KmsError::NoActiveKey)));
+        assert!(matches!(
+            kms.encrypt_v2(&Plaintext::from_vec(vec![1])),
+            Err(KmsError::NoActiveKey)
+        ));
     }
 }

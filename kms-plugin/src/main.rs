@@ -17,8 +17,15 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let file = cli.file_config()?;
-    let format = cli.log_format.or(file.log_format).unwrap_or(LogFormat::Text);
-    let level = cli.log_level.clone().or_else(|| file.log_level.clone()).unwrap_or_else(|| "info".into());
+    let format = cli
+        .log_format
+        .or(file.log_format)
+        .unwrap_or(LogFormat::Text);
+    let level = cli
+        .log_level
+        .clone()
+        .or_else(|| file.log_level.clone())
+        .unwrap_or_else(|| "info".into());
     kms_plugin::logging::init(format, &level)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -77,24 +77,41 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("kms_plugin");
         let requests = Family::<OpLabels, Counter>::default();
-        let latency =
-            Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let latency = Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
         let active_key = Family::<KeyLabel, Gauge>::default();
         let keys = Family::<StateLabel, Gauge>::default();
         let rotations = Counter::default();
         let reloads = Family::<ResultLabel, Counter>::default();
         let active_key_encryptions = Gauge::default();
         let backend_healthy = Gauge::default();
-        registry.register("requests", "KMS gRPC requests by API, operation and status code", requests.clone());
+        registry.register(
+            "requests",
+            "KMS gRPC requests by API, operation and status code",
+            requests.clone(),
+        );
         registry.register(
             "request_duration_seconds",
             "KMS gRPC request latency by API, operation and status code",
             latency.clone(),
         );
-        registry.register("active_key", "The key id Encrypt uses now (value is always 1)", active_key.clone());
+        registry.register(
+            "active_key",
+            "The key id Encrypt uses now (value is always 1)",
+            active_key.clone(),
+        );
         registry.register("keys", "Keys in the key store by state", keys.clone());
-        registry.register("key_rotations", "Changes of the active key seen by this process", rotations.clone());
-        registry.register("keyring_reloads", "Key ring reloads by result", reloads.clone());
+        registry.register(
+            "key_rotations",
+            "Changes of the active key seen by this process",
+            rotations.clone(),
+        );
+        registry.register(
+            "keyring_reloads",
+            "Key ring reloads by result",
+            reloads.clone(),
+        );
         registry.register(
             "active_key_encryptions",
             "Encryptions counted (reserved) under the active key; rotate well before 2^31",
@@ -119,7 +136,11 @@ impl Metrics {
     }
 
     pub fn observe(&self, api: Api, op: Op, code: tonic::Code, seconds: f64) {
-        let labels = OpLabels { api, op, code: format!("{code:?}") };
+        let labels = OpLabels {
+            api,
+            op,
+            code: format!("{code:?}"),
+        };
         self.requests.get_or_create(&labels).inc();
         self.latency.get_or_create(&labels).observe(seconds);
     }
@@ -128,12 +149,21 @@ impl Metrics {
     pub fn ring_loaded(&self, ring: &KeyRing, active_changed: bool) {
         self.active_key.clear();
         if let Some(a) = ring.active() {
-            self.active_key.get_or_create(&KeyLabel { key_id: a.id.to_string() }).set(1);
-            self.active_key_encryptions.set(i64::try_from(a.used()).unwrap_or(i64::MAX));
+            self.active_key
+                .get_or_create(&KeyLabel {
+                    key_id: a.id.to_string(),
+                })
+                .set(1);
+            self.active_key_encryptions
+                .set(i64::try_from(a.used()).unwrap_or(i64::MAX));
         }
         for state in [KeyState::Active, KeyState::DecryptOnly, KeyState::Retired] {
             let n = i64::try_from(ring.count(state)).unwrap_or(i64::MAX);
-            self.keys.get_or_create(&StateLabel { state: state.as_str() }).set(n);
+            self.keys
+                .get_or_create(&StateLabel {
+                    state: state.as_str(),
+                })
+                .set(n);
         }
         if active_changed {
             self.rotations.inc();
@@ -146,7 +176,8 @@ impl Metrics {
     }
 
     pub fn set_active_key_encryptions(&self, used: u64) {
-        self.active_key_encryptions.set(i64::try_from(used).unwrap_or(i64::MAX));
+        self.active_key_encryptions
+            .set(i64::try_from(used).unwrap_or(i64::MAX));
     }
 
     pub fn set_backend_healthy(&self, healthy: bool) {

@@ -152,7 +152,10 @@ pub trait KeyBackend: Send + Sync {
         wrapped: &[u8],
     ) -> Result<Kek, BackendError> {
         let _ = (transport, key_id, label, wrapped);
-        Err(BackendError::Unavailable(self.kind(), "it has no transport key"))
+        Err(BackendError::Unavailable(
+            self.kind(),
+            "it has no transport key",
+        ))
     }
 }
 

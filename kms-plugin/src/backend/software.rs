@@ -31,15 +31,25 @@ pub struct SoftwareBackend {
 impl SoftwareBackend {
     /// Opens the root key at `path`, refusing one that others can read.
     pub fn open(path: &Path) -> Result<Self, BackendError> {
-        let io = |op, source| BackendError::Io { op, path: path.to_owned(), source };
+        let io = |op, source| BackendError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        };
         let meta = fs::metadata(path).map_err(|e| io("reading root key file", e))?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(BackendError::RootKeyPermissions { path: path.to_owned(), mode });
+            return Err(BackendError::RootKeyPermissions {
+                path: path.to_owned(),
+                mode,
+            });
         }
         let bytes = Zeroizing::new(fs::read(path).map_err(|e| io("reading root key file", e))?);
         if bytes.len() != KEK_LEN {
-            return Err(BackendError::RootKeyLength { path: path.to_owned(), len: bytes.len() });
+            return Err(BackendError::RootKeyLength {
+                path: path.to_owned(),
+                len: bytes.len(),
+            });
         }
         Ok(Self::from_root(&bytes))
     }
@@ -47,7 +57,11 @@ impl SoftwareBackend {
     /// Creates a new random root key file (mode 0600) if none exists, then opens it.
     pub fn create_or_open(path: &Path) -> Result<Self, BackendError> {
         if !path.exists() {
-            let io = |op, source| BackendError::Io { op, path: path.to_owned(), source };
+            let io = |op, source| BackendError::Io {
+                op,
+                path: path.to_owned(),
+                source,
+            };
             let mut root = Zeroizing::new([0u8; KEK_LEN]);
             getrandom::fill(root.as_mut()).map_err(|e| BackendError::Random(e.to_string()))?;
             if let Some(dir) = path.parent() {
@@ -64,7 +78,8 @@ impl SoftwareBackend {
                 .mode(0o600)
                 .open(path)
                 .map_err(|e| io("creating root key file", e))?;
-            f.write_all(root.as_ref()).map_err(|e| io("writing root key file", e))?;
+            f.write_all(root.as_ref())
+                .map_err(|e| io("writing root key file", e))?;
             f.sync_all().map_err(|e| io("syncing root key file", e))?;
             if let Some(dir) = path.parent() {
                 fs::File::open(dir)
@@ -86,7 +101,10 @@ impl SoftwareBackend {
             // HMAC accepts keys of any length.
             Err(_) => String::from("unknown"),
         };
-        Self { root: Aes256Gcm::new(root.into()), fingerprint }
+        Self {
+            root: Aes256Gcm::new(root.into()),
+            fingerprint,
+        }
     }
 
     /// Where the root key lives when the operator names none.
@@ -117,7 +135,13 @@ impl KeyBackend for SoftwareBackend {
         let aad = Self::aad(key_id);
         let wrapped = self
             .root
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: kek.expose(), aad: &aad })
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: kek.expose(),
+                    aad: &aad,
+                },
+            )
             .map_err(|_| BackendError::Unseal {
                 key_id: key_id.clone(),
                 reason: "AES-GCM refused to wrap a 32-byte key".into(),
@@ -126,9 +150,14 @@ impl KeyBackend for SoftwareBackend {
     }
 
     fn unseal(&self, key_id: &KeyId, sealed: &SealedKek) -> Result<Kek, BackendError> {
-        let fail = |reason: &str| BackendError::Unseal { key_id: key_id.clone(), reason: reason.into() };
+        let fail = |reason: &str| BackendError::Unseal {
+            key_id: key_id.clone(),
+            reason: reason.into(),
+        };
         if sealed.0.len() != NONCE_LEN + KEK_LEN + 16 {
-            return Err(fail("the sealed blob has the wrong length: the key store is damaged"));
+            return Err(fail(
+                "the sealed blob has the wrong length: the key store is damaged",
+            ));
         }
         let (nonce, wrapped) = sealed.0.split_at(NONCE_LEN);
         let aad = Self::aad(key_id);
@@ -156,7 +185,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("root.key");
         let b = SoftwareBackend::create_or_open(&path).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let id = KeyId::parse("kek-1").unwrap();
         let kek = Kek::generate().unwrap();
         let sealed = b.seal(&id, &kek).unwrap();

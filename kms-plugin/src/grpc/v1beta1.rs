@@ -30,7 +30,8 @@ impl V1beta1Service {
 
     fn record<T>(&self, op: Op, start: Instant, r: &Result<T, Status>) {
         let code = r.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
-        self.metrics.observe(Api::v1beta1, op, code, start.elapsed().as_secs_f64());
+        self.metrics
+            .observe(Api::v1beta1, op, code, start.elapsed().as_secs_f64());
     }
 }
 
@@ -93,7 +94,9 @@ impl KeyManagementService for V1beta1Service {
         let r = check_version(&req.version).and_then(|()| match self.kms.decrypt_v1(&req.cipher) {
             Ok((plain, key_id)) => {
                 tracing::info!(op = "decrypt", api = API_VERSION, %key_id, "decrypted a DEK");
-                Ok(Response::new(DecryptResponse { plain: plain.into_response_bytes() }))
+                Ok(Response::new(DecryptResponse {
+                    plain: plain.into_response_bytes(),
+                }))
             }
             Err(e) => {
                 tracing::warn!(op = "decrypt", api = API_VERSION, error = %e, "decrypt failed");

@@ -5,8 +5,7 @@ use std::time::Instant;
 
 use kms_proto::v2::key_management_service_server::KeyManagementService;
 use kms_proto::v2::{
-    DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest,
-    StatusResponse,
+    DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -40,12 +39,17 @@ pub struct V2Service {
 
 impl V2Service {
     pub fn new(kms: Arc<Kms>, metrics: Arc<Metrics>, version: StatusVersion) -> Self {
-        Self { kms, metrics, version }
+        Self {
+            kms,
+            metrics,
+            version,
+        }
     }
 
     fn record<T>(&self, op: Op, start: Instant, r: &Result<T, Status>) {
         let code = r.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
-        self.metrics.observe(Api::v2, op, code, start.elapsed().as_secs_f64());
+        self.metrics
+            .observe(Api::v2, op, code, start.elapsed().as_secs_f64());
     }
 }
 
@@ -107,10 +111,15 @@ impl KeyManagementService for V2Service {
         let req = request.into_inner();
         let uid = log_uid(&req.uid);
         let key_id = super::log_uid(&req.key_id);
-        let r = match self.kms.decrypt_v2(&req.key_id, &req.ciphertext, &req.annotations) {
+        let r = match self
+            .kms
+            .decrypt_v2(&req.key_id, &req.ciphertext, &req.annotations)
+        {
             Ok(plaintext) => {
                 tracing::info!(op = "decrypt", uid, key_id, "decrypted a DEK seed");
-                Ok(Response::new(DecryptResponse { plaintext: plaintext.into_response_bytes() }))
+                Ok(Response::new(DecryptResponse {
+                    plaintext: plaintext.into_response_bytes(),
+                }))
             }
             Err(e) => {
                 tracing::warn!(op = "decrypt", uid, key_id, error = %e, "decrypt failed");

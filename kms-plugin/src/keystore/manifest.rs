@@ -142,7 +142,11 @@ impl Manifest {
         if self.format != MANIFEST_FORMAT {
             return Err(ManifestError::Format(self.format));
         }
-        let active = self.keys.iter().filter(|k| k.state == KeyState::Active).count();
+        let active = self
+            .keys
+            .iter()
+            .filter(|k| k.state == KeyState::Active)
+            .count();
         if active > 1 {
             return Err(ManifestError::SeveralActive(active));
         }
@@ -164,7 +168,10 @@ impl Manifest {
         }
         let highest = self.keys.iter().map(|k| k.serial).max().unwrap_or(0);
         if self.next_serial <= highest {
-            return Err(ManifestError::SerialBehind { next: self.next_serial, highest });
+            return Err(ManifestError::SerialBehind {
+                next: self.next_serial,
+                highest,
+            });
         }
         Ok(())
     }
@@ -213,7 +220,10 @@ impl Manifest {
         let target = self.get(id)?;
         match target.state {
             KeyState::Active => {
-                return Err(ManifestError::AlreadyInState { id: target.id.clone(), state: "active" });
+                return Err(ManifestError::AlreadyInState {
+                    id: target.id.clone(),
+                    state: "active",
+                });
             }
             KeyState::Retired => return Err(ManifestError::PromoteRetired(target.id.clone())),
             KeyState::DecryptOnly => {}
@@ -233,9 +243,10 @@ impl Manifest {
         let k = self.get_mut(id)?;
         match k.state {
             KeyState::Active => Err(ManifestError::RetireActive(k.id.clone())),
-            KeyState::Retired => {
-                Err(ManifestError::AlreadyInState { id: k.id.clone(), state: "retired" })
-            }
+            KeyState::Retired => Err(ManifestError::AlreadyInState {
+                id: k.id.clone(),
+                state: "retired",
+            }),
             KeyState::DecryptOnly => {
                 k.state = KeyState::Retired;
                 k.state_changed_at = now;
@@ -248,7 +259,10 @@ impl Manifest {
     pub fn reinstate(&mut self, id: &str, now: OffsetDateTime) -> Result<(), ManifestError> {
         let k = self.get_mut(id)?;
         if k.state != KeyState::Retired {
-            return Err(ManifestError::AlreadyInState { id: k.id.clone(), state: k.state.as_str() });
+            return Err(ManifestError::AlreadyInState {
+                id: k.id.clone(),
+                state: k.state.as_str(),
+            });
         }
         k.state = KeyState::DecryptOnly;
         k.state_changed_at = now;
@@ -256,7 +270,12 @@ impl Manifest {
     }
 
     /// Reserves `count` more encryptions under `id`; returns the range `[from, to)`.
-    pub fn reserve(&mut self, id: &str, at_least_from: u64, count: u64) -> Result<(u64, u64), ManifestError> {
+    pub fn reserve(
+        &mut self,
+        id: &str,
+        at_least_from: u64,
+        count: u64,
+    ) -> Result<(u64, u64), ManifestError> {
         let k = self.get_mut(id)?;
         let from = k.encryptions_reserved.max(at_least_from);
         let to = from.saturating_add(count);
@@ -278,7 +297,10 @@ mod sealed_base64 {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SealedKek, D::Error> {
         let s = String::deserialize(d)?;
-        STANDARD.decode(s.as_bytes()).map(SealedKek).map_err(serde::de::Error::custom)
+        STANDARD
+            .decode(s.as_bytes())
+            .map(SealedKek)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -296,7 +318,10 @@ mod opt_base64 {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
         match Option::<String>::deserialize(d)? {
-            Some(s) => STANDARD.decode(s.as_bytes()).map(Some).map_err(serde::de::Error::custom),
+            Some(s) => STANDARD
+                .decode(s.as_bytes())
+                .map(Some)
+                .map_err(serde::de::Error::custom),
             None => Ok(None),
         }
     }
@@ -326,7 +351,10 @@ mod tests {
     }
 
     fn manifest() -> Manifest {
-        Manifest::new(BackendIdentity { kind: BackendKind::InsecureSoftware, fingerprint: "x".into() })
+        Manifest::new(BackendIdentity {
+            kind: BackendKind::InsecureSoftware,
+            fingerprint: "x".into(),
+        })
     }
 
     #[test]
@@ -337,7 +365,10 @@ mod tests {
         let b = record(&mut m, KeyState::DecryptOnly);
         assert_eq!(m.active().unwrap().id, a, "staged key is not active yet");
         m.validate().unwrap();
-        assert_eq!(m.retire(a.as_str(), OffsetDateTime::UNIX_EPOCH), Err(ManifestError::RetireActive(a.clone())));
+        assert_eq!(
+            m.retire(a.as_str(), OffsetDateTime::UNIX_EPOCH),
+            Err(ManifestError::RetireActive(a.clone()))
+        );
         m.promote(b.as_str(), OffsetDateTime::UNIX_EPOCH).unwrap();
         assert_eq!(m.active().unwrap().id, b);
         assert_eq!(m.get(a.as_str()).unwrap().state, KeyState::DecryptOnly);
@@ -346,7 +377,13 @@ mod tests {
         m.reinstate(a.as_str(), OffsetDateTime::UNIX_EPOCH).unwrap();
         let c = record(&mut m, KeyState::Active);
         assert_eq!(m.active().unwrap().id, c);
-        assert_eq!(m.keys.iter().filter(|k| k.state == KeyState::Active).count(), 1);
+        assert_eq!(
+            m.keys
+                .iter()
+                .filter(|k| k.state == KeyState::Active)
+                .count(),
+            1
+        );
         m.validate().unwrap();
         assert!(m.retire("nope", OffsetDateTime::UNIX_EPOCH).is_err());
     }
@@ -373,7 +410,10 @@ mod tests {
         assert_eq!(two.validate(), Err(ManifestError::SeveralActive(2)));
         let mut behind = m.clone();
         behind.next_serial = 1;
-        assert!(matches!(behind.validate(), Err(ManifestError::SerialBehind { .. })));
+        assert!(matches!(
+            behind.validate(),
+            Err(ManifestError::SerialBehind { .. })
+        ));
         let mut none = m.clone();
         none.keys[0].state = KeyState::Retired;
         assert_eq!(none.validate(), Err(ManifestError::NoActive));

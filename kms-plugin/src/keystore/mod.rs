@@ -83,16 +83,27 @@ impl KeyStore {
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                return Err(KeyStoreError::NotInitialized { dir: self.dir.clone() });
+                return Err(KeyStoreError::NotInitialized {
+                    dir: self.dir.clone(),
+                });
             }
-            Err(source) => return Err(KeyStoreError::Io { op: "reading", path, source }),
+            Err(source) => {
+                return Err(KeyStoreError::Io {
+                    op: "reading",
+                    path,
+                    source,
+                });
+            }
         };
         Self::parse(&path, &bytes)
     }
 
     /// Parses manifest bytes (also the fuzzing entry point).
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Manifest, KeyStoreError> {
-        let corrupt = |reason: String| KeyStoreError::Corrupt { path: path.to_owned(), reason };
+        let corrupt = |reason: String| KeyStoreError::Corrupt {
+            path: path.to_owned(),
+            reason,
+        };
         let manifest: Manifest =
             serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
         manifest.validate().map_err(|e| corrupt(e.to_string()))?;
@@ -144,7 +155,11 @@ impl KeyStore {
     /// process dies, so a killed CLI never wedges the store).
     fn lock(&self) -> Result<fs::File, KeyStoreError> {
         let path = self.dir.join(LOCK_FILE);
-        let io = |op, source| KeyStoreError::Io { op, path: path.clone(), source };
+        let io = |op, source| KeyStoreError::Io {
+            op,
+            path: path.clone(),
+            source,
+        };
         let file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -157,7 +172,11 @@ impl KeyStore {
 
     fn write(&self, manifest: &Manifest) -> Result<(), KeyStoreError> {
         let path = self.manifest_path();
-        let io = |op, source| KeyStoreError::Io { op, path: path.clone(), source };
+        let io = |op, source| KeyStoreError::Io {
+            op,
+            path: path.clone(),
+            source,
+        };
         let json = serde_json::to_vec_pretty(manifest)
             .map_err(|e| io("serializing", std::io::Error::other(e)))?;
         // tempfile creates the file 0600 in the same directory, so the rename is atomic.
@@ -167,9 +186,13 @@ impl KeyStore {
             .permissions(fs::Permissions::from_mode(0o600))
             .tempfile_in(&self.dir)
             .map_err(|e| io("creating temporary file next to", e))?;
-        tmp.write_all(&json).map_err(|e| io("writing temporary file for", e))?;
-        tmp.write_all(b"\n").map_err(|e| io("writing temporary file for", e))?;
-        tmp.as_file().sync_all().map_err(|e| io("syncing temporary file for", e))?;
+        tmp.write_all(&json)
+            .map_err(|e| io("writing temporary file for", e))?;
+        tmp.write_all(b"\n")
+            .map_err(|e| io("writing temporary file for", e))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| io("syncing temporary file for", e))?;
         tmp.persist(&path).map_err(|e| io("replacing", e.error))?;
         fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
@@ -184,20 +207,35 @@ mod tests {
     use crate::backend::{BackendIdentity, BackendKind};
 
     fn ident() -> BackendIdentity {
-        BackendIdentity { kind: BackendKind::InsecureSoftware, fingerprint: "x".into() }
+        BackendIdentity {
+            kind: BackendKind::InsecureSoftware,
+            fingerprint: "x".into(),
+        }
     }
 
     #[test]
     fn create_load_update() {
         let dir = tempfile::tempdir().unwrap();
         let store = KeyStore::new(dir.path().join("ks"));
-        assert!(matches!(store.load(), Err(KeyStoreError::NotInitialized { .. })));
+        assert!(matches!(
+            store.load(),
+            Err(KeyStoreError::NotInitialized { .. })
+        ));
         store.create(&Manifest::new(ident())).unwrap();
-        assert!(matches!(store.create(&Manifest::new(ident())), Err(KeyStoreError::AlreadyInitialized { .. })));
-        let (_, m) = store.update(|m| Ok::<_, KeyStoreError>(m.take_serial())).unwrap();
+        assert!(matches!(
+            store.create(&Manifest::new(ident())),
+            Err(KeyStoreError::AlreadyInitialized { .. })
+        ));
+        let (_, m) = store
+            .update(|m| Ok::<_, KeyStoreError>(m.take_serial()))
+            .unwrap();
         assert_eq!(m.generation, 1);
         assert_eq!(store.load().unwrap().next_serial, 2);
-        let mode = fs::metadata(store.manifest_path()).unwrap().permissions().mode() & 0o777;
+        let mode = fs::metadata(store.manifest_path())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         let dmode = fs::metadata(store.dir()).unwrap().permissions().mode() & 0o777;
         assert_eq!(dmode, 0o700);

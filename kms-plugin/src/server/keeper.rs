@@ -20,18 +20,16 @@ pub fn load_ring(shared: &Shared, previous: Option<&KeyRing>) -> Result<KeyRing,
     let manifest = shared.store.load()?;
     shared.backend.verify_identity(&manifest.backend)?;
     let mut ring = KeyRing::load(&manifest, shared.backend.as_ref(), previous)?;
-    if let Some(active) = ring.active() {
-        if active.wants_reservation() {
-            let id = active.id.clone();
-            let used = active.used();
-            let (range, after) = shared
-                .store
-                .update(|m| Ok::<_, KeyStoreError>(m.reserve(id.as_str(), used, RESERVATION_BLOCK)?))?;
-            active.grant(range.0, range.1);
-            // Our own write is the only change since we loaded: the ring still matches.
-            if after.generation == manifest.generation + 1 {
-                ring.set_generation(after.generation);
-            }
+    if let Some(active) = ring.active().filter(|a| a.wants_reservation()) {
+        let id = active.id.clone();
+        let used = active.used();
+        let (range, after) = shared.store.update(|m| {
+            Ok::<_, KeyStoreError>(m.reserve(id.as_str(), used, RESERVATION_BLOCK)?)
+        })?;
+        active.grant(range.0, range.1);
+        // Our own write is the only change since we loaded: the ring still matches.
+        if after.generation == manifest.generation + 1 {
+            ring.set_generation(after.generation);
         }
     }
     Ok(ring)
@@ -43,10 +41,8 @@ pub fn refresh(shared: &Shared, rotate_every: Option<Duration>) {
     let current = shared.kms.ring();
     reload_if_changed(shared, &current);
 
-    if let Some(every) = rotate_every {
-        if let Err(e) = rotate_if_due(shared, every) {
-            tracing::error!(error = %e, "automatic rotation failed; the current key stays active");
-        }
+    if let Some(Err(e)) = rotate_every.map(|every| rotate_if_due(shared, every)) {
+        tracing::error!(error = %e, "automatic rotation failed; the current key stays active");
     }
 
     let healthy = match shared.backend.health() {
@@ -106,7 +102,9 @@ fn reload_if_changed(shared: &Shared, current: &Arc<KeyRing>) {
 
 fn rotate_if_due(shared: &Shared, every: Duration) -> Result<(), keyadmin::AdminError> {
     let manifest = shared.store.load()?;
-    let Some(active) = manifest.active() else { return Ok(()) };
+    let Some(active) = manifest.active() else {
+        return Ok(());
+    };
     let age = OffsetDateTime::now_utc() - active.created_at;
     let worn = active.encryptions_reserved >= SOFT_ENCRYPTION_LIMIT;
     if age < every && !worn {

@@ -42,7 +42,9 @@ pub struct Shared {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
-    tokio::task::spawn_blocking(f).await.context("a blocking task failed")?
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("a blocking task failed")?
 }
 
 pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
@@ -91,12 +93,16 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
 
     let http = match cfg.http_addr {
         Some(addr) => {
-            let l = http::bind(addr)
-                .await
-                .with_context(|| format!("binding the HTTP listener on {addr} (--http-addr; \"off\" disables it)"))?;
+            let l = http::bind(addr).await.with_context(|| {
+                format!("binding the HTTP listener on {addr} (--http-addr; \"off\" disables it)")
+            })?;
             let bound = l.local_addr().ok();
             tracing::info!(addr = ?bound, "serving /healthz, /readyz and /metrics");
-            Some(tokio::spawn(http::serve(l, Arc::clone(&shared), shutdown_rx.clone())))
+            Some(tokio::spawn(http::serve(
+                l,
+                Arc::clone(&shared),
+                shutdown_rx.clone(),
+            )))
         }
         None => None,
     };
@@ -104,14 +110,19 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let keeper = tokio::spawn(keep(Arc::clone(&shared), cfg.clone(), shutdown_rx.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<V2Server<V2Service>>()
-        .await;
-    let v2 = V2Server::new(V2Service::new(Arc::clone(&shared.kms), Arc::clone(&shared.metrics), cfg.status_version))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    health_reporter.set_serving::<V2Server<V2Service>>().await;
+    let v2 = V2Server::new(V2Service::new(
+        Arc::clone(&shared.kms),
+        Arc::clone(&shared.metrics),
+        cfg.status_version,
+    ))
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
     let v1 = cfg.v1beta1.then(|| {
-        V1Server::new(V1beta1Service::new(Arc::clone(&shared.kms), Arc::clone(&shared.metrics)))
-            .max_decoding_message_size(MAX_REQUEST_BYTES)
+        V1Server::new(V1beta1Service::new(
+            Arc::clone(&shared.kms),
+            Arc::clone(&shared.metrics),
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
     });
     tracing::info!(
         socket = %cfg.socket.display(),
@@ -140,10 +151,12 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         _ = int.recv() => { tracing::info!("SIGINT: draining and shutting down"); Ok(()) }
     };
     let _ = shutdown_tx.send(true);
-    if result.is_ok() {
-        if tokio::time::timeout(cfg.drain_timeout, &mut server).await.is_err() {
-            tracing::warn!(timeout = ?cfg.drain_timeout, "in-flight requests did not finish in time; exiting anyway");
-        }
+    if result.is_ok()
+        && tokio::time::timeout(cfg.drain_timeout, &mut server)
+            .await
+            .is_err()
+    {
+        tracing::warn!(timeout = ?cfg.drain_timeout, "in-flight requests did not finish in time; exiting anyway");
     }
     keeper.abort();
     if let Some(h) = http {

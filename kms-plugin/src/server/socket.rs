@@ -33,7 +33,12 @@ fn io(op: &'static str, path: &Path, source: std::io::Error) -> SocketError {
         ErrorKind::PermissionDenied => " (run as root or as a user that owns the socket directory)",
         _ => "",
     };
-    SocketError::Io { op, path: path.to_owned(), source, hint }
+    SocketError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+        hint,
+    }
 }
 
 /// Removes the socket file on drop, if it is still the one this process created.
@@ -80,10 +85,21 @@ pub fn bind(
             .map_err(|e| io("changing the group of", &staged, e))?;
     }
     fs::rename(&staged, path).map_err(|e| io("moving the socket into place at", path, e))?;
-    let ino = fs::symlink_metadata(path).map_err(|e| io("inspecting", path, e))?.ino();
-    listener.set_nonblocking(true).map_err(|e| io("configuring", path, e))?;
-    let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| io("registering", path, e))?;
-    Ok((listener, SocketGuard { path: path.to_owned(), ino }))
+    let ino = fs::symlink_metadata(path)
+        .map_err(|e| io("inspecting", path, e))?
+        .ino();
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| io("configuring", path, e))?;
+    let listener =
+        tokio::net::UnixListener::from_std(listener).map_err(|e| io("registering", path, e))?;
+    Ok((
+        listener,
+        SocketGuard {
+            path: path.to_owned(),
+            ino,
+        },
+    ))
 }
 
 fn remove_stale(path: &Path) -> Result<(), SocketError> {
@@ -93,10 +109,14 @@ fn remove_stale(path: &Path) -> Result<(), SocketError> {
         Err(e) => return Err(io("inspecting", path, e)),
     };
     if !meta.file_type().is_socket() {
-        return Err(SocketError::NotASocket { path: path.to_owned() });
+        return Err(SocketError::NotASocket {
+            path: path.to_owned(),
+        });
     }
     match UnixStream::connect(path) {
-        Ok(_) => Err(SocketError::InUse { path: path.to_owned() }),
+        Ok(_) => Err(SocketError::InUse {
+            path: path.to_owned(),
+        }),
         Err(_) => {
             tracing::info!(socket = %path.display(), "removing stale socket left by an earlier run");
             fs::remove_file(path).map_err(|e| io("removing stale socket", path, e))
@@ -117,7 +137,10 @@ mod tests {
         assert!(meta.file_type().is_socket());
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         // A second plugin on the same path is refused while the first listens.
-        assert!(matches!(bind(&path, 0o600, None), Err(SocketError::InUse { .. })));
+        assert!(matches!(
+            bind(&path, 0o600, None),
+            Err(SocketError::InUse { .. })
+        ));
         drop(l);
         drop(guard);
         assert!(!path.exists());
@@ -132,10 +155,16 @@ mod tests {
         // A socket nobody listens on, as a crash leaves it.
         drop(UnixListener::bind(&path).unwrap());
         let (_l, _g) = bind(&path, 0o660, None).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o660
+        );
         let file = dir.path().join("file");
         fs::write(&file, b"x").unwrap();
-        assert!(matches!(bind(&file, 0o600, None), Err(SocketError::NotASocket { .. })));
+        assert!(matches!(
+            bind(&file, 0o600, None),
+            Err(SocketError::NotASocket { .. })
+        ));
         assert!(file.exists());
     }
 }

@@ -41,10 +41,14 @@ impl TpmBlob {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, String> {
-        let rest = b.strip_prefix(MAGIC).ok_or("not a TPM-sealed key (wrong magic)")?;
+        let rest = b
+            .strip_prefix(MAGIC)
+            .ok_or("not a TPM-sealed key (wrong magic)")?;
         let (&version, rest) = rest.split_first().ok_or("truncated")?;
         if version != VERSION {
-            return Err(format!("TPM blob version {version} is unknown to this plugin version"));
+            return Err(format!(
+                "TPM blob version {version} is unknown to this plugin version"
+            ));
         }
         let (&has_pcr, mut rest) = rest.split_first().ok_or("truncated")?;
         let pcr = match has_pcr {
@@ -57,7 +61,9 @@ impl TpmBlob {
             _ => return Err("invalid PCR flag".into()),
         };
         let mut take = |what: &str| -> Result<Vec<u8>, String> {
-            let (len, r) = rest.split_first_chunk::<2>().ok_or(format!("truncated before {what}"))?;
+            let (len, r) = rest
+                .split_first_chunk::<2>()
+                .ok_or(format!("truncated before {what}"))?;
             let len = usize::from(u16::from_be_bytes(*len));
             if r.len() < len {
                 return Err(format!("truncated {what}"));
@@ -71,7 +77,11 @@ impl TpmBlob {
         if !rest.is_empty() {
             return Err("trailing bytes".into());
         }
-        Ok(Self { pcr, public, private })
+        Ok(Self {
+            pcr,
+            public,
+            private,
+        })
     }
 }
 
@@ -89,7 +99,10 @@ mod tests {
         let enc = b.encode();
         assert_eq!(TpmBlob::decode(&enc).unwrap(), b);
         for n in 0..enc.len() {
-            assert!(TpmBlob::decode(&enc[..n]).is_err(), "truncation to {n} accepted");
+            assert!(
+                TpmBlob::decode(&enc[..n]).is_err(),
+                "truncation to {n} accepted"
+            );
         }
         let mut extra = enc.clone();
         extra.push(0);

@@ -14,9 +14,9 @@ use tss_esapi::handles::{KeyHandle, PersistentTpmHandle, SessionHandle, TpmHandl
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::dynamic_handles::Persistent;
 use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
-use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::structures::{
     Auth, Data, Digest, EccPoint, HashScheme, KeyedHashScheme, PcrSelectionList,
     PcrSelectionListBuilder, PcrSlot, Private, Public, PublicBuilder, PublicEccParametersBuilder,
@@ -70,7 +70,12 @@ impl TpmBackend {
         };
         let conn = connect(&opts, owner_auth.as_deref().map(|v| v.as_slice()))?;
         let srk_name = conn.srk_name.clone();
-        Ok(Self { opts, owner_auth, conn: Mutex::new(Some(conn)), srk_name })
+        Ok(Self {
+            opts,
+            owner_auth,
+            conn: Mutex::new(Some(conn)),
+            srk_name,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Conn>> {
@@ -115,7 +120,10 @@ impl KeyBackend for TpmBackend {
     }
 
     fn identity(&self) -> Result<BackendIdentity, BackendError> {
-        Ok(BackendIdentity { kind: BackendKind::Tpm, fingerprint: format!("srk:{}", self.srk_name) })
+        Ok(BackendIdentity {
+            kind: BackendKind::Tpm,
+            fingerprint: format!("srk:{}", self.srk_name),
+        })
     }
 
     fn verify_identity(&self, recorded: &BackendIdentity) -> Result<(), BackendError> {
@@ -144,7 +152,10 @@ impl KeyBackend for TpmBackend {
         let pcr = self.opts.pcr_policy;
         self.with_conn(|c| {
             let policy = match &pcr {
-                Some(p) => Some(pcr_policy_digest(&mut c.ctx, p).map_err(|e| tpm_err("computing the PCR policy", &e))?),
+                Some(p) => Some(
+                    pcr_policy_digest(&mut c.ctx, p)
+                        .map_err(|e| tpm_err("computing the PCR policy", &e))?,
+                ),
                 None => None,
             };
             let public = sealed_object_template(policy)?;
@@ -153,11 +164,23 @@ impl KeyBackend for TpmBackend {
             let srk = c.srk;
             let created = c
                 .ctx
-                .execute_with_nullauth_session(|ctx| ctx.create(srk, public, None, Some(data), None, None))
+                .execute_with_nullauth_session(|ctx| {
+                    ctx.create(srk, public, None, Some(data), None, None)
+                })
                 .map_err(|e| tpm_err("sealing a key (TPM2_Create)", &e))?;
-            let public = created.out_public.marshall().map_err(|e| tpm_err("encoding the public area", &e))?;
+            let public = created
+                .out_public
+                .marshall()
+                .map_err(|e| tpm_err("encoding the public area", &e))?;
             tracing::debug!(%key_id, pcr = ?pcr.map(|p| p.to_string()), "sealed key to the TPM");
-            Ok(SealedKek(TpmBlob { pcr, public, private: created.out_private.value().to_vec() }.encode()))
+            Ok(SealedKek(
+                TpmBlob {
+                    pcr,
+                    public,
+                    private: created.out_private.value().to_vec(),
+                }
+                .encode(),
+            ))
         })
     }
 
@@ -184,14 +207,20 @@ impl KeyBackend for TpmBackend {
             let data = data.map_err(|e| unseal_err(&e))?;
             Kek::from_slice(data.value()).ok_or_else(|| BackendError::Unseal {
                 key_id: key_id.clone(),
-                reason: format!("the TPM returned {} bytes, not a 32-byte key", data.value().len()),
+                reason: format!(
+                    "the TPM returned {} bytes, not a 32-byte key",
+                    data.value().len()
+                ),
             })
         })
     }
 
     fn health(&self) -> Result<(), BackendError> {
         self.with_conn(|c| {
-            c.ctx.get_random(8).map(|_| ()).map_err(|e| tpm_err("asking the TPM for random bytes", &e))
+            c.ctx
+                .get_random(8)
+                .map(|_| ())
+                .map_err(|e| tpm_err("asking the TPM for random bytes", &e))
         })
     }
 
@@ -201,11 +230,25 @@ impl KeyBackend for TpmBackend {
             let srk = c.srk;
             let created = c
                 .ctx
-                .execute_with_nullauth_session(|ctx| ctx.create(srk, template, None, None, None, None))
-                .map_err(|e| tpm_err("creating the node transport key (RSA-2048, TPM2_Create)", &e))?;
+                .execute_with_nullauth_session(|ctx| {
+                    ctx.create(srk, template, None, None, None, None)
+                })
+                .map_err(|e| {
+                    tpm_err(
+                        "creating the node transport key (RSA-2048, TPM2_Create)",
+                        &e,
+                    )
+                })?;
             let public_key = rsa_public(&created.out_public)?;
-            let public = created.out_public.marshall().map_err(|e| tpm_err("encoding the public area", &e))?;
-            let blob = TpmBlob { pcr: None, public, private: created.out_private.value().to_vec() };
+            let public = created
+                .out_public
+                .marshall()
+                .map_err(|e| tpm_err("encoding the public area", &e))?;
+            let blob = TpmBlob {
+                pcr: None,
+                public,
+                private: created.out_private.value().to_vec(),
+            };
             Ok((SealedKek(blob.encode()), public_key))
         })
     }
@@ -217,13 +260,20 @@ impl KeyBackend for TpmBackend {
         label: &str,
         wrapped: &[u8],
     ) -> Result<Kek, BackendError> {
-        let fail = |reason: String| BackendError::Unseal { key_id: key_id.clone(), reason };
-        let blob = TpmBlob::decode(&transport.0).map_err(|r| fail(format!("the transport key blob is damaged: {r}")))?;
-        let public = Public::unmarshall(&blob.public).map_err(|e| fail(explain(&e, "reading the transport key")))?;
-        let private = Private::try_from(blob.private).map_err(|e| fail(explain(&e, "reading the transport key")))?;
+        let fail = |reason: String| BackendError::Unseal {
+            key_id: key_id.clone(),
+            reason,
+        };
+        let blob = TpmBlob::decode(&transport.0)
+            .map_err(|r| fail(format!("the transport key blob is damaged: {r}")))?;
+        let public = Public::unmarshall(&blob.public)
+            .map_err(|e| fail(explain(&e, "reading the transport key")))?;
+        let private = Private::try_from(blob.private)
+            .map_err(|e| fail(explain(&e, "reading the transport key")))?;
         let cipher = PublicKeyRsa::try_from(wrapped.to_vec())
             .map_err(|e| fail(explain(&e, "reading the wrapped key")))?;
-        let label = Data::try_from(label.as_bytes().to_vec()).map_err(|e| fail(explain(&e, "preparing the label")))?;
+        let label = Data::try_from(label.as_bytes().to_vec())
+            .map_err(|e| fail(explain(&e, "preparing the label")))?;
         self.with_conn(|c| {
             let srk = c.srk;
             let handle = c
@@ -278,15 +328,27 @@ fn transport_key_template() -> Result<Public, BackendError> {
 }
 
 fn rsa_public(public: &Public) -> Result<rsa::RsaPublicKey, BackendError> {
-    let Public::Rsa { parameters, unique, .. } = public else {
-        return Err(BackendError::Tpm("the TPM returned a non-RSA transport key".into()));
+    let Public::Rsa {
+        parameters, unique, ..
+    } = public
+    else {
+        return Err(BackendError::Tpm(
+            "the TPM returned a non-RSA transport key".into(),
+        ));
     };
     let e = match parameters.exponent().value() {
         0 => 65537,
         e => e,
     };
-    rsa::RsaPublicKey::new(rsa::BigUint::from_bytes_be(unique.value()), rsa::BigUint::from(e))
-        .map_err(|e| BackendError::Tpm(format!("the TPM's transport key is not a valid RSA key: {e}")))
+    rsa::RsaPublicKey::new(
+        rsa::BigUint::from_bytes_be(unique.value()),
+        rsa::BigUint::from(e),
+    )
+    .map_err(|e| {
+        BackendError::Tpm(format!(
+            "the TPM's transport key is not a valid RSA key: {e}"
+        ))
+    })
 }
 
 fn read_owner_auth(path: &Path) -> Result<Zeroizing<Vec<u8>>, BackendError> {
@@ -296,7 +358,10 @@ fn read_owner_auth(path: &Path) -> Result<Zeroizing<Vec<u8>>, BackendError> {
         source,
     })?);
     // A trailing newline from `echo` is not part of the password.
-    let end = bytes.iter().rposition(|b| *b != b'\n' && *b != b'\r').map_or(0, |i| i + 1);
+    let end = bytes
+        .iter()
+        .rposition(|b| *b != b'\n' && *b != b'\r')
+        .map_or(0, |i| i + 1);
     Ok(Zeroizing::new(bytes[..end].to_vec()))
 }
 
@@ -311,22 +376,35 @@ fn connect(opts: &TpmOptions, owner_auth: Option<&[u8]>) -> Result<Conn, Backend
         } else {
             ""
         };
-        BackendError::Tpm(format!("cannot open the TPM through TCTI {:?}: {detail}.{hint}", opts.tcti))
+        BackendError::Tpm(format!(
+            "cannot open the TPM through TCTI {:?}: {detail}.{hint}",
+            opts.tcti
+        ))
     };
-    let tcti = TctiNameConf::from_str(&opts.tcti).map_err(|e| cannot_open(format!("invalid TCTI ({e})")))?;
+    let tcti = TctiNameConf::from_str(&opts.tcti)
+        .map_err(|e| cannot_open(format!("invalid TCTI ({e})")))?;
     let mut ctx = Context::new(tcti).map_err(|e| cannot_open(e.to_string()))?;
     // Prove the TPM answers before anything else.
     ctx.get_random(8).map_err(|e| cannot_open(e.to_string()))?;
     if let Some(auth) = owner_auth {
-        let auth = Auth::try_from(auth.to_vec()).map_err(|e| tpm_err("reading the owner authorization", &e))?;
-        ctx.tr_set_auth(Hierarchy::Owner.into(), auth).map_err(|e| tpm_err("setting the owner authorization", &e))?;
+        let auth = Auth::try_from(auth.to_vec())
+            .map_err(|e| tpm_err("reading the owner authorization", &e))?;
+        ctx.tr_set_auth(Hierarchy::Owner.into(), auth)
+            .map_err(|e| tpm_err("setting the owner authorization", &e))?;
     }
     let (srk, srk_transient) = match opts.srk_handle {
         Some(h) => persistent_srk(&mut ctx, h)?,
         None => (create_srk(&mut ctx)?, true),
     };
-    let name = ctx.tr_get_name(srk.into()).map_err(|e| tpm_err("reading the SRK's name", &e))?;
-    Ok(Conn { ctx, srk, srk_transient, srk_name: hex(name.value()) })
+    let name = ctx
+        .tr_get_name(srk.into())
+        .map_err(|e| tpm_err("reading the SRK's name", &e))?;
+    Ok(Conn {
+        ctx,
+        srk,
+        srk_transient,
+        srk_name: hex(name.value()),
+    })
 }
 
 /// The TCG storage key template: ECC P-256, restricted decryption, AES-128-CFB.
@@ -360,19 +438,26 @@ fn srk_template() -> Result<Public, BackendError> {
 
 fn create_srk(ctx: &mut Context) -> Result<KeyHandle, BackendError> {
     let template = srk_template()?;
-    ctx.execute_with_nullauth_session(|ctx| ctx.create_primary(Hierarchy::Owner, template, None, None, None, None))
-        .map(|r| r.key_handle)
-        .map_err(|e| tpm_err("creating the storage root key (owner hierarchy)", &e))
+    ctx.execute_with_nullauth_session(|ctx| {
+        ctx.create_primary(Hierarchy::Owner, template, None, None, None, None)
+    })
+    .map(|r| r.key_handle)
+    .map_err(|e| tpm_err("creating the storage root key (owner hierarchy)", &e))
 }
 
 /// Uses the storage key at `handle`, or creates it there. If it cannot be persisted
 /// (owner authorization withheld), uses a transient one re-created at every start.
 fn persistent_srk(ctx: &mut Context, handle: u32) -> Result<(KeyHandle, bool), BackendError> {
-    let tpm_handle = PersistentTpmHandle::new(handle)
-        .map_err(|_| BackendError::Tpm(format!("SRK handle {handle:#x} is not a persistent handle (0x81xxxxxx)")))?;
+    let tpm_handle = PersistentTpmHandle::new(handle).map_err(|_| {
+        BackendError::Tpm(format!(
+            "SRK handle {handle:#x} is not a persistent handle (0x81xxxxxx)"
+        ))
+    })?;
     if let Ok(obj) = ctx.tr_from_tpm_public(TpmHandle::Persistent(tpm_handle)) {
         let key = KeyHandle::from(obj);
-        let (public, _, _) = ctx.read_public(key).map_err(|e| tpm_err("reading the persistent SRK", &e))?;
+        let (public, _, _) = ctx
+            .read_public(key)
+            .map_err(|e| tpm_err("reading the persistent SRK", &e))?;
         let a = public.object_attributes();
         if !(a.restricted() && a.decrypt() && !a.sign_encrypt()) {
             return Err(BackendError::Tpm(format!(
@@ -384,12 +469,19 @@ fn persistent_srk(ctx: &mut Context, handle: u32) -> Result<(KeyHandle, bool), B
     }
     let transient = create_srk(ctx)?;
     let persisted = ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
-        ctx.evict_control(Provision::Owner, transient.into(), Persistent::Persistent(tpm_handle))
+        ctx.evict_control(
+            Provision::Owner,
+            transient.into(),
+            Persistent::Persistent(tpm_handle),
+        )
     });
     match persisted {
         Ok(obj) => {
             let _ = ctx.flush_context(transient.into());
-            tracing::info!(handle = format!("{handle:#x}"), "persisted the storage root key");
+            tracing::info!(
+                handle = format!("{handle:#x}"),
+                "persisted the storage root key"
+            );
             Ok((KeyHandle::from(obj), false))
         }
         Err(e) => {
@@ -431,14 +523,31 @@ fn pcr_selection(p: &PcrPolicy) -> Result<PcrSelectionList, tss_esapi::Error> {
         PcrBank::Sha256 => HashingAlgorithm::Sha256,
         PcrBank::Sha384 => HashingAlgorithm::Sha384,
     };
-    let slots: Vec<PcrSlot> = p.pcrs().filter_map(|n| PcrSlot::try_from(1u32 << n).ok()).collect();
-    PcrSelectionListBuilder::new().with_selection(bank, &slots).build()
+    let slots: Vec<PcrSlot> = p
+        .pcrs()
+        .filter_map(|n| PcrSlot::try_from(1u32 << n).ok())
+        .collect();
+    PcrSelectionListBuilder::new()
+        .with_selection(bank, &slots)
+        .build()
 }
 
-fn policy_session(ctx: &mut Context, kind: SessionType) -> Result<(AuthSession, PolicySession), tss_esapi::Error> {
+fn policy_session(
+    ctx: &mut Context,
+    kind: SessionType,
+) -> Result<(AuthSession, PolicySession), tss_esapi::Error> {
     let session = ctx
-        .start_auth_session(None, None, None, kind, SymmetricDefinition::AES_128_CFB, HashingAlgorithm::Sha256)?
-        .ok_or(tss_esapi::Error::WrapperError(tss_esapi::WrapperErrorKind::WrongValueFromTpm))?;
+        .start_auth_session(
+            None,
+            None,
+            None,
+            kind,
+            SymmetricDefinition::AES_128_CFB,
+            HashingAlgorithm::Sha256,
+        )?
+        .ok_or(tss_esapi::Error::WrapperError(
+            tss_esapi::WrapperErrorKind::WrongValueFromTpm,
+        ))?;
     let policy = PolicySession::try_from(session)?;
     Ok((session, policy))
 }
@@ -453,14 +562,20 @@ fn pcr_policy_digest(ctx: &mut Context, p: &PcrPolicy) -> Result<Digest, tss_esa
     r
 }
 
-fn unseal_loaded(ctx: &mut Context, handle: KeyHandle, pcr: Option<&PcrPolicy>) -> Result<SensitiveData, tss_esapi::Error> {
+fn unseal_loaded(
+    ctx: &mut Context,
+    handle: KeyHandle,
+    pcr: Option<&PcrPolicy>,
+) -> Result<SensitiveData, tss_esapi::Error> {
     match pcr {
         None => ctx.execute_with_nullauth_session(|ctx| ctx.unseal(handle.into())),
         Some(p) => {
             let (session, policy) = policy_session(ctx, SessionType::Policy)?;
             let r = pcr_selection(p)
                 .and_then(|sel| ctx.policy_pcr(policy, Digest::default(), sel))
-                .and_then(|()| ctx.execute_with_session(Some(session), |ctx| ctx.unseal(handle.into())));
+                .and_then(|()| {
+                    ctx.execute_with_session(Some(session), |ctx| ctx.unseal(handle.into()))
+                });
             // The TPM flushes a policy session after a successful use (continueSession is
             // clear); after a failure it may still be loaded.
             if r.is_err() {

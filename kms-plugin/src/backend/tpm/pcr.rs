@@ -55,8 +55,13 @@ pub struct PcrPolicyError {
 
 impl PcrPolicy {
     pub fn parse(s: &str) -> Result<Self, PcrPolicyError> {
-        let err = |problem: &str| PcrPolicyError { input: s.to_owned(), problem: problem.to_owned() };
-        let (bank, list) = s.split_once(':').ok_or_else(|| err("missing \"bank:\" prefix"))?;
+        let err = |problem: &str| PcrPolicyError {
+            input: s.to_owned(),
+            problem: problem.to_owned(),
+        };
+        let (bank, list) = s
+            .split_once(':')
+            .ok_or_else(|| err("missing \"bank:\" prefix"))?;
         let bank = match bank.trim().to_ascii_lowercase().as_str() {
             "sha1" => PcrBank::Sha1,
             "sha256" => PcrBank::Sha256,
@@ -65,7 +70,10 @@ impl PcrPolicy {
         };
         let mut mask = 0u32;
         for item in list.split(',') {
-            let n: u32 = item.trim().parse().map_err(|_| err("PCR numbers must be integers"))?;
+            let n: u32 = item
+                .trim()
+                .parse()
+                .map_err(|_| err("PCR numbers must be integers"))?;
             if n > 23 {
                 return Err(err("PCR numbers go from 0 to 23"));
             }
