@@ -143,6 +143,26 @@ pub enum NodeCommand {
         #[arg(long, value_name = "NAME")]
         node_name: Option<String>,
     },
+    /// Register another control-plane node (its `node export-public` file). From then on a
+    /// key becomes active here only after that node confirmed holding it.
+    AddPeer {
+        #[command(flatten)]
+        store: StoreDirArg,
+        /// The peer's node public file.
+        peer: PathBuf,
+    },
+    /// Forget a peer (for example a decommissioned node).
+    RemovePeer {
+        #[command(flatten)]
+        store: StoreDirArg,
+        /// The peer's name, as `node list-peers` shows it.
+        name: String,
+    },
+    /// List the registered peers.
+    ListPeers {
+        #[command(flatten)]
+        store: StoreDirArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -185,6 +205,20 @@ pub enum KeyCommand {
         store: StoreArgs,
         /// The bundle from `key export`.
         bundle: PathBuf,
+        /// Write an enrolment receipt here, for `key confirm` on the exporting node.
+        #[arg(long, value_name = "FILE")]
+        receipt: Option<PathBuf>,
+        /// Name of this node in the receipt [default: the host name].
+        #[arg(long, value_name = "NAME")]
+        node_name: Option<String>,
+    },
+    /// Record a peer's enrolment receipt: that node now holds the key, so the key may
+    /// become active here once every peer has confirmed it.
+    Confirm {
+        #[command(flatten)]
+        store: StoreDirArg,
+        /// The receipt from `key import --receipt` on the peer.
+        receipt: PathBuf,
     },
     /// Re-seal every key into the current TPM after it was cleared or replaced, or after a
     /// PCR change: from the recovery-wrapped copies (with the offline private key), or by
@@ -207,6 +241,10 @@ pub enum KeyCommand {
         store: StoreDirArg,
         /// The key to promote.
         key_id: String,
+        /// Promote even if some peers have not confirmed holding the key (their apiservers
+        /// will fail to read what this one writes until they do).
+        #[arg(long)]
+        force: bool,
     },
     /// Stop using a key for Decrypt (run a storage migration first). Refuses the active key.
     Retire {
@@ -378,11 +416,20 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
                 path.display()
             );
         }
-        KeyCommand::Import { store, bundle } => {
+        KeyCommand::Import { store, bundle, receipt, node_name } => {
             let cfg = store_config(store, file)?;
             let backend = backend::open(&cfg, false)?;
             let b: keyadmin::KeyBundle = read_json(&bundle, "key bundle")?;
-            let state = keyadmin::import(&KeyStore::new(&cfg.key_store), backend.as_ref(), &b)?;
+            let name = node_name.unwrap_or_else(hostname);
+            let (state, receipt_doc) =
+                keyadmin::import(&KeyStore::new(&cfg.key_store), backend.as_ref(), &b, &name)?;
+            if let Some(path) = &receipt {
+                write_json(path, &receipt_doc)?;
+                eprintln!(
+                    "wrote the enrolment receipt to {}: give it to the exporting node's admin (`key confirm`)",
+                    path.display()
+                );
+            }
             writeln!(out, "{}", b.key_id)?;
             eprintln!(
                 "enrolled key {} as {} (check value {}: compare it with `key list` on the exporting node)",
@@ -439,8 +486,19 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
                 "key {id} added as decrypt-only; promote it with `kms-plugin key promote {id}` once every node has it"
             );
         }
-        KeyCommand::Promote { store, key_id } => {
-            keyadmin::promote(&store_dir(store, file), &key_id)?;
+        KeyCommand::Confirm { store, receipt } => {
+            let r: keyadmin::EnrolmentReceipt = read_json(&receipt, "enrolment receipt")?;
+            let store = store_dir(store, file);
+            let peer = keyadmin::confirm(&store, &r)?;
+            let missing = store.load()?.missing_peers(r.key_id.as_str())?.join(", ");
+            if missing.is_empty() {
+                eprintln!("peer {peer} holds key {}; every peer does now: it can be promoted", r.key_id);
+            } else {
+                eprintln!("peer {peer} holds key {}; still missing: {missing}", r.key_id);
+            }
+        }
+        KeyCommand::Promote { store, key_id, force } => {
+            keyadmin::promote(&store_dir(store, file), &key_id, force)?;
             eprintln!("key {key_id} is now active; the previous key stays for Decrypt");
         }
         KeyCommand::Retire { store, key_id } => {
@@ -462,6 +520,7 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
                 backend_fingerprint: m.backend.fingerprint.clone(),
                 generation: m.generation,
                 active_key_id: m.active().map(|k| k.id.to_string()),
+                peers: m.peers.iter().map(|p| p.name.clone()).collect(),
                 keys: m
                     .keys
                     .iter()
@@ -475,6 +534,11 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
                         check_value: k.check_value.clone(),
                         origin: k.origin,
                         recoverable: k.recovery.is_some(),
+                        enrolled_on: k.enrolled_on.clone(),
+                        missing_peers: m
+                            .missing_peers(k.id.as_str())
+                            .map(|v| v.into_iter().map(String::from).collect())
+                            .unwrap_or_default(),
                     })
                     .collect(),
             };
@@ -499,11 +563,7 @@ fn node(cmd: NodeCommand, file: &FileConfig) -> anyhow::Result<()> {
         } => {
             let cfg = store_config(store, file)?;
             let backend = backend::open(&cfg, false)?;
-            let name = node_name.unwrap_or_else(|| {
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_owned())
-                    .unwrap_or_else(|_| "unknown".into())
-            });
+            let name = node_name.unwrap_or_else(hostname);
             let public =
                 keyadmin::node_public(&KeyStore::new(&cfg.key_store), backend.as_ref(), &name)?;
             write_json(&out, &public)?;
@@ -513,8 +573,33 @@ fn node(cmd: NodeCommand, file: &FileConfig) -> anyhow::Result<()> {
                 public.transport_fingerprint
             );
         }
+        NodeCommand::AddPeer { store, peer } => {
+            let p: keyadmin::NodePublic = read_json(&peer, "node public file")?;
+            keyadmin::add_peer(&store_dir(store, file), &p)?;
+            eprintln!(
+                "added peer {} (transport key {}); new keys now become active only once it holds them",
+                p.node, p.transport_fingerprint
+            );
+        }
+        NodeCommand::RemovePeer { store, name } => {
+            keyadmin::remove_peer(&store_dir(store, file), &name)?;
+            eprintln!("removed peer {name}");
+        }
+        NodeCommand::ListPeers { store } => {
+            let m = store_dir(store, file).load()?;
+            let mut out = std::io::stdout().lock();
+            for p in &m.peers {
+                writeln!(out, "{}\t{}\t{}", p.name, p.transport_fingerprint, fmt_time(p.added_at))?;
+            }
+        }
     }
     Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(
@@ -559,6 +644,7 @@ struct Listing {
     backend_fingerprint: String,
     generation: u64,
     active_key_id: Option<String>,
+    peers: Vec<String>,
     keys: Vec<ListedKey>,
 }
 
@@ -573,6 +659,8 @@ struct ListedKey {
     check_value: String,
     origin: crate::keystore::KeyOrigin,
     recoverable: bool,
+    enrolled_on: Vec<String>,
+    missing_peers: Vec<String>,
 }
 
 impl Listing {
@@ -582,6 +670,9 @@ impl Listing {
             "key store: {} (backend {}, {})",
             self.key_store, self.backend, self.backend_fingerprint
         )?;
+        if !self.peers.is_empty() {
+            writeln!(out, "peers: {}", self.peers.join(", "))?;
+        }
         let w = self
             .keys
             .iter()
@@ -591,13 +682,13 @@ impl Listing {
             .max(6);
         writeln!(
             out,
-            "{:<w$}  {:<12}  {:<8}  {:<11}  {:<16}  {:>11}  CREATED",
-            "KEY ID", "STATE", "ORIGIN", "RECOVERABLE", "CHECK VALUE", "ENCRYPTIONS"
+            "{:<w$}  {:<12}  {:<8}  {:<11}  {:<16}  {:>11}  {:<16}  CREATED",
+            "KEY ID", "STATE", "ORIGIN", "RECOVERABLE", "CHECK VALUE", "ENCRYPTIONS", "ENROLLED"
         )?;
         for k in &self.keys {
             writeln!(
                 out,
-                "{:<w$}  {:<12}  {:<8}  {:<11}  {:<16}  {:>11}  {}",
+                "{:<w$}  {:<12}  {:<8}  {:<11}  {:<16}  {:>11}  {:<16}  {}",
                 k.id,
                 k.state.as_str(),
                 match k.origin {
@@ -607,6 +698,13 @@ impl Listing {
                 if k.recoverable { "yes" } else { "no" },
                 k.check_value,
                 k.encryptions_reserved,
+                if self.peers.is_empty() {
+                    "-".to_owned()
+                } else if k.missing_peers.is_empty() {
+                    "all peers".to_owned()
+                } else {
+                    format!("missing {}", k.missing_peers.join(","))
+                },
                 k.created_at,
             )?;
         }

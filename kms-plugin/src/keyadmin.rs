@@ -8,7 +8,7 @@ use crate::backend::KeyBackend;
 use crate::keyid::KeyId;
 use crate::keyring::check_value;
 use crate::keystore::{
-    KeyOrigin, KeyRecord, KeyState, KeyStore, KeyStoreError, Manifest, ManifestError,
+    KeyOrigin, KeyRecord, KeyState, KeyStore, KeyStoreError, Manifest, ManifestError, Peer,
     TransportRecord,
 };
 use crate::keywrap::{self, Purpose, WrapError};
@@ -74,6 +74,14 @@ pub fn add(
 ) -> Result<KeyId, AdminError> {
     let (id, _) = store.update(|m| {
         backend.verify_identity(&m.backend)?;
+        if state == KeyState::Active && !m.peers.is_empty() {
+            return Err(AdminError::Refused(format!(
+                "this node has peers ({}): a new key cannot be active before they hold it. Use \
+                 `key add`, export it to every peer, import it there, `key confirm` the receipts, \
+                 then `key promote`",
+                m.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
         let record = new_record(m, backend, state, OffsetDateTime::now_utc())?;
         let id = record.id.clone();
         m.add(record);
@@ -82,8 +90,8 @@ pub fn add(
     Ok(id)
 }
 
-pub fn promote(store: &KeyStore, id: &str) -> Result<(), AdminError> {
-    store.update(|m| Ok::<_, AdminError>(m.promote(id, OffsetDateTime::now_utc())?))?;
+pub fn promote(store: &KeyStore, id: &str, force: bool) -> Result<(), AdminError> {
+    store.update(|m| Ok::<_, AdminError>(m.promote(id, OffsetDateTime::now_utc(), force)?))?;
     Ok(())
 }
 
@@ -120,6 +128,7 @@ fn new_record(
         sealed,
         recovery,
         origin: KeyOrigin::Created,
+        enrolled_on: Vec::new(),
     })
 }
 
@@ -297,6 +306,20 @@ pub fn export(
     })
 }
 
+/// What `key import` hands back to the exporting node's admin (`key confirm`), so that node
+/// knows this one holds the key before making it active.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolmentReceipt {
+    pub format: String,
+    pub key_id: KeyId,
+    pub check_value: String,
+    pub node: String,
+    pub transport_fingerprint: String,
+}
+
+const RECEIPT_FORMAT: &str = "edgeseal-enrolment-receipt/v1";
+
 /// Unwraps a bundle with this node's transport key (inside the TPM), checks it against
 /// its check value and seals it here. It arrives decrypt-only, except into an empty key
 /// store, where the first key becomes the active one.
@@ -304,7 +327,8 @@ pub fn import(
     store: &KeyStore,
     backend: &dyn KeyBackend,
     bundle: &KeyBundle,
-) -> Result<KeyState, AdminError> {
+    node: &str,
+) -> Result<(KeyState, EnrolmentReceipt), AdminError> {
     if bundle.format != BUNDLE_FORMAT {
         return Err(AdminError::Refused(format!(
             "the bundle has format {:?}; expected {BUNDLE_FORMAT:?}",
@@ -366,10 +390,131 @@ pub fn import(
             sealed,
             recovery,
             origin: KeyOrigin::Imported,
+            enrolled_on: Vec::new(),
         });
-        Ok::<_, AdminError>(state)
+        let receipt = EnrolmentReceipt {
+            format: RECEIPT_FORMAT.into(),
+            key_id: bundle.key_id.clone(),
+            check_value: bundle.check_value.clone(),
+            node: node.into(),
+            transport_fingerprint: bundle.to.clone(),
+        };
+        Ok::<_, AdminError>((state, receipt))
     })?;
     Ok(state)
+}
+
+/// Registers another control-plane node: from now on a key becomes active here only once
+/// that node holds it.
+pub fn add_peer(store: &KeyStore, peer: &NodePublic) -> Result<(), AdminError> {
+    let public = keywrap::parse_public_pem(
+        &peer.transport_public_pem,
+        "node transport key",
+        std::path::Path::new("node public file"),
+        keywrap::MIN_TRANSPORT_BITS,
+    )?;
+    if keywrap::fingerprint(&public) != peer.transport_fingerprint {
+        return Err(AdminError::Refused(
+            "the node public file's fingerprint does not match its key: it was altered".into(),
+        ));
+    }
+    store.update(|m| {
+        if m.transport.as_ref().is_some_and(|t| t.fingerprint == peer.transport_fingerprint) {
+            return Err(AdminError::Refused("that is this node's own public file".into()));
+        }
+        m.add_peer(Peer {
+            name: peer.node.clone(),
+            transport_fingerprint: peer.transport_fingerprint.clone(),
+            transport_public_pem: peer.transport_public_pem.clone(),
+            added_at: OffsetDateTime::now_utc(),
+        })?;
+        Ok::<_, AdminError>(())
+    })?;
+    Ok(())
+}
+
+pub fn remove_peer(store: &KeyStore, name: &str) -> Result<(), AdminError> {
+    store.update(|m| Ok::<_, AdminError>(m.remove_peer(name)?))?;
+    Ok(())
+}
+
+/// Records a peer's enrolment receipt; returns the peer's name.
+pub fn confirm(store: &KeyStore, receipt: &EnrolmentReceipt) -> Result<String, AdminError> {
+    if receipt.format != RECEIPT_FORMAT {
+        return Err(AdminError::Refused(format!(
+            "the receipt has format {:?}; expected {RECEIPT_FORMAT:?}",
+            receipt.format
+        )));
+    }
+    let (name, _) = store.update(|m| {
+        let peer = m
+            .peers
+            .iter()
+            .find(|p| p.transport_fingerprint == receipt.transport_fingerprint)
+            .ok_or_else(|| {
+                AdminError::Refused(format!(
+                    "the receipt comes from a node (transport key {}) that is not a peer here; \
+                     add it with `kms-plugin node add-peer`",
+                    receipt.transport_fingerprint
+                ))
+            })?
+            .name
+            .clone();
+        let key = m.get(receipt.key_id.as_str())?;
+        if key.check_value != receipt.check_value {
+            return Err(AdminError::Refused(format!(
+                "the receipt's check value for {} does not match this node's: the peer holds a \
+                 different key",
+                receipt.key_id
+            )));
+        }
+        m.confirm(receipt.key_id.as_str(), &peer)?;
+        Ok::<_, AdminError>(peer)
+    })?;
+    Ok(name)
+}
+
+/// Automatic rotation on a node with peers, phase one: a new decrypt-only key, and a
+/// bundle for every peer in `<key store>/outbox/`. It becomes active once every peer's
+/// receipt is confirmed.
+pub fn stage_for_peers(
+    store: &KeyStore,
+    backend: &dyn KeyBackend,
+) -> Result<(KeyId, Vec<std::path::PathBuf>), AdminError> {
+    let id = add(store, backend, KeyState::DecryptOnly)?;
+    let manifest = store.load()?;
+    let outbox = store.dir().join("outbox");
+    std::fs::create_dir_all(&outbox).map_err(|source| KeyStoreError::Io {
+        op: "creating",
+        path: outbox.clone(),
+        source,
+    })?;
+    let mut written = Vec::new();
+    for peer in &manifest.peers {
+        let to = NodePublic {
+            format: NODE_PUBLIC_FORMAT.into(),
+            node: peer.name.clone(),
+            backend_fingerprint: String::new(),
+            transport_fingerprint: peer.transport_fingerprint.clone(),
+            transport_public_pem: peer.transport_public_pem.clone(),
+        };
+        let bundle = export(store, backend, id.as_str(), &to)?;
+        let path = outbox.join(format!("{id}.{}.bundle", sanitize(&peer.name)));
+        let json = serde_json::to_vec_pretty(&bundle).map_err(|e| AdminError::Refused(e.to_string()))?;
+        std::fs::write(&path, json).map_err(|source| KeyStoreError::Io {
+            op: "writing",
+            path: path.clone(),
+            source,
+        })?;
+        written.push(path);
+    }
+    Ok((id, written))
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .collect()
 }
 
 // ---- Recovery -------------------------------------------------------------------------

@@ -231,7 +231,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let backend = SoftwareBackend::create_or_open(&dir.path().join("root.key")).unwrap();
         let store = KeyStore::new(dir.path().join("ks"));
-        keyadmin::init(&store, &backend).unwrap();
+        keyadmin::init(&store, &backend, None).unwrap();
         keyadmin::add(&store, &backend, KeyState::Active).unwrap();
         let ring = KeyRing::load(&store.load().unwrap(), &backend, None).unwrap();
         ring.active().unwrap().grant(0, 100);

@@ -65,6 +65,7 @@ pub struct Metrics {
     reloads: Family<ResultLabel, Counter>,
     active_key_encryptions: Gauge,
     backend_healthy: Gauge,
+    rotation_waiting: Gauge,
 }
 
 impl Default for Metrics {
@@ -86,6 +87,12 @@ impl Metrics {
         let reloads = Family::<ResultLabel, Counter>::default();
         let active_key_encryptions = Gauge::default();
         let backend_healthy = Gauge::default();
+        let rotation_waiting = Gauge::default();
+        registry.register(
+            "rotation_waiting_peers",
+            "Peers that must still confirm holding the staged key before it can become active",
+            rotation_waiting.clone(),
+        );
         registry.register(
             "requests",
             "KMS gRPC requests by API, operation and status code",
@@ -132,6 +139,7 @@ impl Metrics {
             reloads,
             active_key_encryptions,
             backend_healthy,
+            rotation_waiting,
         }
     }
 
@@ -178,6 +186,10 @@ impl Metrics {
     pub fn set_active_key_encryptions(&self, used: u64) {
         self.active_key_encryptions
             .set(i64::try_from(used).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_rotation_waiting(&self, peers: usize) {
+        self.rotation_waiting.set(i64::try_from(peers).unwrap_or(i64::MAX));
     }
 
     pub fn set_backend_healthy(&self, healthy: bool) {

@@ -49,7 +49,22 @@ pub struct Manifest {
     /// This node's transport key, which other nodes wrap keys to when enrolling them here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<TransportRecord>,
+    /// The other control-plane nodes every key must be enrolled on before it may become
+    /// active here (multi-node clusters; empty on a single node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<Peer>,
     pub keys: Vec<KeyRecord>,
+}
+
+/// Another control-plane node, known by its transport key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub name: String,
+    pub transport_fingerprint: String,
+    pub transport_public_pem: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub added_at: OffsetDateTime,
 }
 
 /// A decryption key held by the backend (in the TPM) for receiving keys from other nodes.
@@ -95,6 +110,9 @@ pub struct KeyRecord {
     pub recovery: Option<Vec<u8>>,
     #[serde(default)]
     pub origin: KeyOrigin,
+    /// Peers that confirmed (with an enrolment receipt) that they hold this key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub enrolled_on: Vec<String>,
 }
 
 /// Rule violations when changing or loading a manifest.
@@ -122,6 +140,17 @@ pub enum ManifestError {
     PromoteRetired(KeyId),
     #[error("key {id} is already {state}")]
     AlreadyInState { id: KeyId, state: &'static str },
+    #[error(
+        "key {id} is not enrolled on peer(s) {missing}: if it became active here, their \
+         apiservers could not read what this one writes. Export it to them, import it there, \
+         and confirm with `kms-plugin key confirm RECEIPT` (or promote with --force if you \
+         are sure)"
+    )]
+    NotEnrolled { id: KeyId, missing: String },
+    #[error("there is already a peer named {0}")]
+    DuplicatePeer(String),
+    #[error("no peer named {0}; `kms-plugin node list-peers` shows them")]
+    UnknownPeer(String),
 }
 
 impl Manifest {
@@ -133,6 +162,7 @@ impl Manifest {
             next_serial: 1,
             recovery_public: None,
             transport: None,
+            peers: Vec::new(),
             keys: Vec::new(),
         }
     }
@@ -215,8 +245,24 @@ impl Manifest {
         self.keys.push(record);
     }
 
+    /// Peers that have not confirmed holding key `id` (empty on a single node).
+    pub fn missing_peers(&self, id: &str) -> Result<Vec<&str>, ManifestError> {
+        let k = self.get(id)?;
+        Ok(self
+            .peers
+            .iter()
+            .filter(|p| !k.enrolled_on.contains(&p.name))
+            .map(|p| p.name.as_str())
+            .collect())
+    }
+
     /// Makes `id` the key Encrypt uses; the previous active key becomes decrypt-only.
-    pub fn promote(&mut self, id: &str, now: OffsetDateTime) -> Result<(), ManifestError> {
+    /// Refuses a key some peer does not hold, unless `force`.
+    pub fn promote(&mut self, id: &str, now: OffsetDateTime, force: bool) -> Result<(), ManifestError> {
+        let missing = self.missing_peers(id)?;
+        if !missing.is_empty() && !force {
+            return Err(ManifestError::NotEnrolled { id: self.get(id)?.id.clone(), missing: missing.join(", ") });
+        }
         let target = self.get(id)?;
         match target.state {
             KeyState::Active => {
@@ -266,6 +312,38 @@ impl Manifest {
         }
         k.state = KeyState::DecryptOnly;
         k.state_changed_at = now;
+        Ok(())
+    }
+
+    pub fn add_peer(&mut self, peer: Peer) -> Result<(), ManifestError> {
+        if self.peers.iter().any(|p| p.name == peer.name) {
+            return Err(ManifestError::DuplicatePeer(peer.name));
+        }
+        self.peers.push(peer);
+        Ok(())
+    }
+
+    pub fn remove_peer(&mut self, name: &str) -> Result<(), ManifestError> {
+        let before = self.peers.len();
+        self.peers.retain(|p| p.name != name);
+        if self.peers.len() == before {
+            return Err(ManifestError::UnknownPeer(name.to_owned()));
+        }
+        for k in &mut self.keys {
+            k.enrolled_on.retain(|n| n != name);
+        }
+        Ok(())
+    }
+
+    /// Records that peer `name` holds key `id`.
+    pub fn confirm(&mut self, id: &str, name: &str) -> Result<(), ManifestError> {
+        if !self.peers.iter().any(|p| p.name == name) {
+            return Err(ManifestError::UnknownPeer(name.to_owned()));
+        }
+        let k = self.get_mut(id)?;
+        if !k.enrolled_on.iter().any(|n| n == name) {
+            k.enrolled_on.push(name.to_owned());
+        }
         Ok(())
     }
 
@@ -346,6 +424,7 @@ mod tests {
             sealed: SealedKek(vec![1, 2, 3]),
             recovery: Some(vec![4, 5]),
             origin: KeyOrigin::Created,
+            enrolled_on: Vec::new(),
         });
         id
     }
@@ -369,11 +448,11 @@ mod tests {
             m.retire(a.as_str(), OffsetDateTime::UNIX_EPOCH),
             Err(ManifestError::RetireActive(a.clone()))
         );
-        m.promote(b.as_str(), OffsetDateTime::UNIX_EPOCH).unwrap();
+        m.promote(b.as_str(), OffsetDateTime::UNIX_EPOCH, false).unwrap();
         assert_eq!(m.active().unwrap().id, b);
         assert_eq!(m.get(a.as_str()).unwrap().state, KeyState::DecryptOnly);
         m.retire(a.as_str(), OffsetDateTime::UNIX_EPOCH).unwrap();
-        assert!(m.promote(a.as_str(), OffsetDateTime::UNIX_EPOCH).is_err());
+        assert!(m.promote(a.as_str(), OffsetDateTime::UNIX_EPOCH, false).is_err());
         m.reinstate(a.as_str(), OffsetDateTime::UNIX_EPOCH).unwrap();
         let c = record(&mut m, KeyState::Active);
         assert_eq!(m.active().unwrap().id, c);
@@ -386,6 +465,31 @@ mod tests {
         );
         m.validate().unwrap();
         assert!(m.retire("nope", OffsetDateTime::UNIX_EPOCH).is_err());
+    }
+
+    #[test]
+    fn promotion_waits_for_every_peer() {
+        let mut m = manifest();
+        record(&mut m, KeyState::Active);
+        let b = record(&mut m, KeyState::DecryptOnly);
+        let peer = |name: &str| Peer {
+            name: name.into(),
+            transport_fingerprint: format!("fp-{name}"),
+            transport_public_pem: String::new(),
+            added_at: OffsetDateTime::UNIX_EPOCH,
+        };
+        m.add_peer(peer("n2")).unwrap();
+        m.add_peer(peer("n3")).unwrap();
+        assert!(matches!(m.add_peer(peer("n2")), Err(ManifestError::DuplicatePeer(_))));
+        let err = m.promote(b.as_str(), OffsetDateTime::UNIX_EPOCH, false).unwrap_err();
+        assert!(err.to_string().contains("n2, n3"), "{err}");
+        m.confirm(b.as_str(), "n2").unwrap();
+        assert_eq!(m.missing_peers(b.as_str()).unwrap(), vec!["n3"]);
+        assert!(m.confirm(b.as_str(), "n9").is_err());
+        assert!(m.promote(b.as_str(), OffsetDateTime::UNIX_EPOCH, false).is_err());
+        m.remove_peer("n3").unwrap();
+        m.promote(b.as_str(), OffsetDateTime::UNIX_EPOCH, false).unwrap();
+        assert_eq!(m.active().unwrap().id, b);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-pub use manifest::{KeyOrigin, KeyRecord, KeyState, Manifest, ManifestError, TransportRecord};
+pub use manifest::{KeyOrigin, KeyRecord, KeyState, Manifest, ManifestError, Peer, TransportRecord};
 
 use crate::backend::BackendError;
 

@@ -105,7 +105,10 @@ fn rotate_if_due(shared: &Shared, every: Duration) -> Result<(), keyadmin::Admin
     let Some(active) = manifest.active() else {
         return Ok(());
     };
-    let age = OffsetDateTime::now_utc() - active.created_at;
+    if !manifest.peers.is_empty() {
+        return rotate_with_peers(shared, &manifest, every);
+    }
+    let age = OffsetDateTime::now_utc() - active.state_changed_at;
     let worn = active.encryptions_reserved >= SOFT_ENCRYPTION_LIMIT;
     if age < every && !worn {
         return Ok(());
@@ -123,5 +126,60 @@ fn rotate_if_due(shared: &Shared, every: Duration) -> Result<(), keyadmin::Admin
     );
     let current = shared.kms.ring();
     reload_if_changed(shared, &current);
+    Ok(())
+}
+
+/// Automatic rotation with peers, in two phases over several ticks: stage a new key and
+/// write a bundle per peer to the outbox; promote it only once every peer's receipt has
+/// been confirmed. Until then the waiting is logged and visible in `key list` and metrics.
+fn rotate_with_peers(
+    shared: &Shared,
+    manifest: &crate::keystore::Manifest,
+    every: Duration,
+) -> Result<(), keyadmin::AdminError> {
+    let Some(active) = manifest.active() else {
+        return Ok(());
+    };
+    // The newest key created here after the active one, still waiting to be promoted.
+    let staged = manifest
+        .keys
+        .iter()
+        .filter(|k| {
+            k.state == KeyState::DecryptOnly
+                && k.origin == crate::keystore::KeyOrigin::Created
+                && k.serial > active.serial
+        })
+        .max_by_key(|k| k.serial);
+    if let Some(staged) = staged {
+        let missing = manifest.missing_peers(staged.id.as_str())?;
+        shared.metrics.set_rotation_waiting(missing.len());
+        if missing.is_empty() {
+            keyadmin::promote(&shared.store, staged.id.as_str(), false)?;
+            shared.metrics.set_rotation_waiting(0);
+            tracing::info!(key_id = %staged.id, previous_key_id = %active.id, "every peer holds the staged key: promoted it");
+            let current = shared.kms.ring();
+            reload_if_changed(shared, &current);
+        } else {
+            tracing::debug!(key_id = %staged.id, missing = %missing.join(","), "rotation waiting for peers");
+        }
+        return Ok(());
+    }
+    shared.metrics.set_rotation_waiting(0);
+    let age = OffsetDateTime::now_utc() - active.state_changed_at;
+    if age < every && active.encryptions_reserved < SOFT_ENCRYPTION_LIMIT {
+        return Ok(());
+    }
+    if !shared.backend_healthy.load(Ordering::Relaxed) {
+        tracing::warn!(key_id = %active.id, "rotation is due but the key backend is unavailable");
+        return Ok(());
+    }
+    let (id, bundles) = keyadmin::stage_for_peers(&shared.store, shared.backend.as_ref())?;
+    shared.metrics.set_rotation_waiting(bundles.len());
+    tracing::warn!(
+        key_id = %id,
+        bundles = %bundles.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" "),
+        "rotation due: staged a new key. Import each bundle on its peer (`key import --receipt`), \
+         then `key confirm` the receipts here; the key becomes active when every peer holds it"
+    );
     Ok(())
 }
