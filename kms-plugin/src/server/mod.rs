@@ -88,6 +88,18 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let active = ring.active().map(|a| a.id.to_string()).unwrap_or_default();
     shared.metrics.set_backend_healthy(true);
 
+    // Signal handlers go in before the socket exists: a SIGHUP or SIGTERM that arrives as
+    // soon as clients can connect must not hit the default action (terminate).
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install the SIGHUP handler; reloads happen on the interval only");
+            None
+        }
+    };
+
     let (listener, _socket_guard) = socket::bind(&cfg.socket, cfg.socket_mode, cfg.socket_group)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
@@ -107,7 +119,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    let keeper = tokio::spawn(keep(Arc::clone(&shared), cfg.clone(), shutdown_rx.clone()));
+    let keeper = tokio::spawn(keep(Arc::clone(&shared), cfg.clone(), hup, shutdown_rx.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<V2Server<V2Service>>().await;
@@ -143,8 +155,6 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         });
     tokio::pin!(server);
 
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let result = tokio::select! {
         r = &mut server => r.context("the gRPC server failed"),
         _ = term.recv() => { tracing::info!("SIGTERM: draining and shutting down"); Ok(()) }
@@ -168,14 +178,12 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
 
 /// The keeper loop: refresh on every tick, on SIGHUP, and when the active key asks for
 /// more reserved encryptions.
-async fn keep(shared: Arc<Shared>, cfg: ServeConfig, mut shutdown: watch::Receiver<bool>) {
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot install the SIGHUP handler; reloads happen on the interval only");
-            None
-        }
-    };
+async fn keep(
+    shared: Arc<Shared>,
+    cfg: ServeConfig,
+    mut hup: Option<tokio::signal::unix::Signal>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(cfg.reload_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
