@@ -34,11 +34,11 @@ pub enum KmsError {
          to read data still encrypted under it"
     )]
     KeyRetired(KeyId),
-    #[error("{0}")]
+    #[error(transparent)]
     Envelope(#[from] EnvelopeError),
     #[error("annotation {key:?}: {problem}")]
     BadAnnotation { key: String, problem: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Budget(#[from] BudgetError),
 }
 

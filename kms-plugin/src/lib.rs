@@ -22,3 +22,17 @@ pub mod logging;
 pub mod metrics;
 pub mod secret;
 pub mod server;
+
+/// An error and its causes on one line, without repeating a cause that a message already
+/// quotes (most of ours name their source in their own text).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
+}

@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kms-plugin: error: {e:#}");
+            eprintln!("kms-plugin: error: {}", kms_plugin::error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -40,7 +40,7 @@ pub enum KeyStoreError {
     AlreadyInitialized { dir: PathBuf, keys: usize },
     #[error("key store manifest {} is damaged: {reason}; restore it from a backup", path.display())]
     Corrupt { path: PathBuf, reason: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Rule(#[from] ManifestError),
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -131,12 +131,26 @@ impl KeyStore {
         change: impl FnOnce(&mut Manifest) -> Result<T, E>,
     ) -> Result<(T, Manifest), E> {
         let _lock = self.lock()?;
+        self.remove_stale_temp_files();
         let mut manifest = self.load()?;
         let out = change(&mut manifest)?;
         manifest.generation += 1;
         manifest.validate().map_err(KeyStoreError::from)?;
         self.write(&manifest)?;
         Ok((out, manifest))
+    }
+
+    /// Temporary manifests left by a writer that was killed mid-write. Only called under
+    /// the lock, when no writer can be busy with one.
+    fn remove_stale_temp_files(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else { return };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".manifest.") && name.ends_with(".tmp") {
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
 
     fn ensure_dir(&self) -> Result<(), KeyStoreError> {

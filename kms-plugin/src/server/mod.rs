@@ -166,7 +166,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             .await
             .is_err()
     {
-        tracing::warn!(timeout = ?cfg.drain_timeout, "in-flight requests did not finish in time; exiting anyway");
+        tracing::warn!(timeout = ?cfg.drain_timeout, "clients kept their connections open past the drain timeout; exiting anyway");
     }
     keeper.abort();
     if let Some(h) = http {
