@@ -1,6 +1,6 @@
-//! The Key Vault sidecar (issue 4). Not implemented yet: it exits with a clear message.
+//! The Key Vault sidecar binary (being built; see the issue tracker).
 
 fn main() -> std::process::ExitCode {
-    eprintln!("sidecar: not implemented yet in this build (see the project's issue tracker)");
+    eprintln!("sidecar: not implemented yet in this build");
     std::process::ExitCode::from(2)
 }
