@@ -2,5 +2,6 @@
 //! managed identity and delivers them into an in-memory volume, refreshing them and
 //! telling the app when they change.
 
+pub mod config;
 pub mod deliver;
 pub mod secret;

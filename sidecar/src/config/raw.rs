@@ -1,0 +1,108 @@
+//! The configuration file as written: the shape of a Secrets Store CSI driver
+//! `SecretProviderClass` (Azure provider) `parameters` block, plus the sidecar's own keys.
+//! Unknown keys are errors, so a typo never silently falls back to a default.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawConfig {
+    pub keyvault_name: Option<String>,
+    pub vault_url: Option<String>,
+    pub tenant_id: Option<String>,
+    #[serde(rename = "clientID")]
+    pub client_id: Option<String>,
+    pub cloud_name: Option<String>,
+    pub identity: Option<String>,
+    pub objects: Option<RawObjects>,
+    pub output_dir: Option<PathBuf>,
+    pub refresh_interval: Option<String>,
+    pub write_cert_and_key_in_separate_files: Option<BoolOrString>,
+    pub api_version: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub disable_challenge_resource_verification: Option<BoolOrString>,
+    pub notify: Option<RawNotify>,
+    pub http_addr: Option<String>,
+}
+
+/// CSI parameters are all strings ("true"); ours may be booleans too.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum BoolOrString {
+    Bool(bool),
+    String(String),
+}
+
+impl BoolOrString {
+    pub fn parse(&self, key: &str) -> Result<bool, String> {
+        match self {
+            BoolOrString::Bool(b) => Ok(*b),
+            BoolOrString::String(s) => match s.as_str() {
+                "true" => Ok(true),
+                "false" | "" => Ok(false),
+                other => Err(format!("{key}: {other:?} is not true or false")),
+            },
+        }
+    }
+}
+
+/// `objects` as a YAML list, or as the CSI driver's string form
+/// (`objects: |` then `array:` then one YAML document string per object).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawObjects {
+    List(Vec<RawObject>),
+    Csi(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsiArray {
+    pub array: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawObject {
+    pub object_name: String,
+    pub object_type: Option<String>,
+    pub object_version: Option<String>,
+    pub object_alias: Option<String>,
+    pub object_format: Option<String>,
+    pub object_encoding: Option<String>,
+    pub file_permission: Option<String>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawNotify {
+    /// e.g. SIGHUP.
+    pub signal: Option<String>,
+    /// The process (by name, as in /proc/PID/comm) to signal; needs a shared process namespace.
+    pub process_name: Option<String>,
+    /// A command run after each change (argv form).
+    pub command: Option<Vec<String>>,
+}
+
+impl RawObjects {
+    /// The objects in list form, unfolding the CSI string form.
+    pub fn into_list(self) -> Result<Vec<RawObject>, String> {
+        match self {
+            RawObjects::List(l) => Ok(l),
+            RawObjects::Csi(s) => {
+                let arr: CsiArray = serde_yaml_ng::from_str(&s).map_err(|e| format!("objects (CSI string form): {e}"))?;
+                arr.array
+                    .iter()
+                    .enumerate()
+                    .map(|(i, doc)| {
+                        serde_yaml_ng::from_str::<RawObject>(doc).map_err(|e| format!("objects.array[{i}]: {e}"))
+                    })
+                    .collect()
+            }
+        }
+    }
+}
