@@ -50,9 +50,10 @@ impl Cloud {
             "azureusgovernmentcloud" | "azureusgovernment" | "usgovernment" => {
                 Ok(c("AzureUSGovernmentCloud", "https://login.microsoftonline.us", "vault.usgovcloudapi.net"))
             }
-            other => Err(invalid(format!(
-                "cloudName {other:?} is unknown; use AzurePublicCloud, AzureChinaCloud or \
-                 AzureUSGovernmentCloud, or give vaultUrl (and AZURE_AUTHORITY_HOST) for a custom cloud"
+            _ => Err(invalid(format!(
+                "cloudName {:?} is unknown; use AzurePublicCloud, AzureChinaCloud or \
+                 AzureUSGovernmentCloud, or give vaultUrl (and AZURE_AUTHORITY_HOST) for a custom cloud",
+                name.unwrap_or_default()
             ))),
         }
     }
@@ -206,7 +207,7 @@ impl Config {
         };
 
         let mut raw_objects = match raw.objects {
-            Some(objs) => objs.into_list().map_err(invalid)?,
+            Some(objs) => raw::objects_list(objs).map_err(invalid)?,
             None => Vec::new(),
         };
         for spec in &o.secrets {

@@ -16,7 +16,8 @@ pub struct RawConfig {
     pub client_id: Option<String>,
     pub cloud_name: Option<String>,
     pub identity: Option<String>,
-    pub objects: Option<RawObjects>,
+    /// A list of objects, or the CSI driver's string form; see [`objects_list`].
+    pub objects: Option<serde_yaml_ng::Value>,
     pub output_dir: Option<PathBuf>,
     pub refresh_interval: Option<String>,
     pub write_cert_and_key_in_separate_files: Option<BoolOrString>,
@@ -46,15 +47,6 @@ impl BoolOrString {
             },
         }
     }
-}
-
-/// `objects` as a YAML list, or as the CSI driver's string form
-/// (`objects: |` then `array:` then one YAML document string per object).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum RawObjects {
-    List(Vec<RawObject>),
-    Csi(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,21 +80,30 @@ pub struct RawNotify {
     pub command: Option<Vec<String>>,
 }
 
-impl RawObjects {
-    /// The objects in list form, unfolding the CSI string form.
-    pub fn into_list(self) -> Result<Vec<RawObject>, String> {
-        match self {
-            RawObjects::List(l) => Ok(l),
-            RawObjects::Csi(s) => {
-                let arr: CsiArray = serde_yaml_ng::from_str(&s).map_err(|e| format!("objects (CSI string form): {e}"))?;
-                arr.array
-                    .iter()
-                    .enumerate()
-                    .map(|(i, doc)| {
-                        serde_yaml_ng::from_str::<RawObject>(doc).map_err(|e| format!("objects.array[{i}]: {e}"))
-                    })
-                    .collect()
-            }
+/// `objects` as a YAML list, or as the CSI driver's string form (`objects: |` then
+/// `array:` then one YAML document string per object). Parsed in two steps so that an
+/// error names the offending key instead of "no variant matched".
+pub fn objects_list(v: serde_yaml_ng::Value) -> Result<Vec<RawObject>, String> {
+    match v {
+        serde_yaml_ng::Value::String(s) => {
+            let arr: CsiArray =
+                serde_yaml_ng::from_str(&s).map_err(|e| format!("objects (CSI string form): {e}"))?;
+            arr.array
+                .iter()
+                .enumerate()
+                .map(|(i, doc)| {
+                    serde_yaml_ng::from_str::<RawObject>(doc)
+                        .map_err(|e| format!("objects.array[{i}]: {e}"))
+                })
+                .collect()
         }
+        serde_yaml_ng::Value::Sequence(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                serde_yaml_ng::from_value::<RawObject>(item).map_err(|e| format!("objects[{i}]: {e}"))
+            })
+            .collect(),
+        _ => Err("objects must be a list of objects (or the CSI driver's string form)".into()),
     }
 }
