@@ -4,4 +4,7 @@
 
 pub mod config;
 pub mod deliver;
+pub mod http;
+pub mod identity;
+pub mod keyvault;
 pub mod secret;

@@ -1,0 +1,4 @@
+//! The Key Vault client: challenge-based authentication, retries with backoff that honour
+//! the service's throttling hints, and errors an operator can act on.
+
+pub mod challenge;
