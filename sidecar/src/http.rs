@@ -34,7 +34,14 @@ pub struct Clients {
     pub local: reqwest::Client,
 }
 
+/// reqwest needs a process-wide rustls provider even for plain-HTTP clients: ring.
+pub fn install_crypto_provider() {
+    // Err means one is installed already, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub fn build(ca_file: Option<&Path>) -> Result<Clients, HttpError> {
+    install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {

@@ -121,6 +121,7 @@ mod tests {
     use super::*;
 
     fn himds(dir: &Path) -> ArcHimds {
+        crate::http::install_crypto_provider();
         ArcHimds { http: reqwest::Client::new(), endpoint: "http://127.0.0.1:1/x".into(), token_dir: dir.to_owned() }
     }
 
@@ -136,7 +137,7 @@ mod tests {
         assert!(h.read_key_file(wrong_ext.to_str().unwrap()).is_err());
         let big = d.path().join("big.key");
         std::fs::write(&big, vec![b'a'; 4097]).unwrap();
-        assert!(h.read_key_file(big.to_str().unwrap()).unwrap_err().to_string().contains("4096"));
+        assert!(h.read_key_file(big.to_str().unwrap()).err().unwrap().to_string().contains("4096"));
         std::fs::create_dir(d.path().join("sub")).unwrap();
         let nested = d.path().join("sub/n.key");
         std::fs::write(&nested, "x").unwrap();
@@ -146,6 +147,6 @@ mod tests {
         assert!(h.read_key_file("/etc/shadow").is_err());
         let link = d.path().join("link.key");
         std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
-        assert!(h.read_key_file(link.to_str().unwrap()).unwrap_err().to_string().contains("regular file"));
+        assert!(h.read_key_file(link.to_str().unwrap()).err().unwrap().to_string().contains("regular file"));
     }
 }
