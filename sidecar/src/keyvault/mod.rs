@@ -2,3 +2,8 @@
 //! the service's throttling hints, and errors an operator can act on.
 
 pub mod challenge;
+pub mod client;
+pub mod error;
+
+pub use client::{KeyVault, RetryPolicy, SecretBundle};
+pub use error::KvError;
