@@ -416,7 +416,12 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
                 path.display()
             );
         }
-        KeyCommand::Import { store, bundle, receipt, node_name } => {
+        KeyCommand::Import {
+            store,
+            bundle,
+            receipt,
+            node_name,
+        } => {
             let cfg = store_config(store, file)?;
             let backend = backend::open(&cfg, false)?;
             let b: keyadmin::KeyBundle = read_json(&bundle, "key bundle")?;
@@ -492,12 +497,22 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
             let peer = keyadmin::confirm(&store, &r)?;
             let missing = store.load()?.missing_peers(r.key_id.as_str())?.join(", ");
             if missing.is_empty() {
-                eprintln!("peer {peer} holds key {}; every peer does now: it can be promoted", r.key_id);
+                eprintln!(
+                    "peer {peer} holds key {}; every peer does now: it can be promoted",
+                    r.key_id
+                );
             } else {
-                eprintln!("peer {peer} holds key {}; still missing: {missing}", r.key_id);
+                eprintln!(
+                    "peer {peer} holds key {}; still missing: {missing}",
+                    r.key_id
+                );
             }
         }
-        KeyCommand::Promote { store, key_id, force } => {
+        KeyCommand::Promote {
+            store,
+            key_id,
+            force,
+        } => {
             keyadmin::promote(&store_dir(store, file), &key_id, force)?;
             eprintln!("key {key_id} is now active; the previous key stays for Decrypt");
         }
@@ -589,7 +604,13 @@ fn node(cmd: NodeCommand, file: &FileConfig) -> anyhow::Result<()> {
             let m = store_dir(store, file).load()?;
             let mut out = std::io::stdout().lock();
             for p in &m.peers {
-                writeln!(out, "{}\t{}\t{}", p.name, p.transport_fingerprint, fmt_time(p.added_at))?;
+                writeln!(
+                    out,
+                    "{}\t{}\t{}",
+                    p.name,
+                    p.transport_fingerprint,
+                    fmt_time(p.added_at)
+                )?;
             }
         }
     }

@@ -79,7 +79,11 @@ pub fn add(
                 "this node has peers ({}): a new key cannot be active before they hold it. Use \
                  `key add`, export it to every peer, import it there, `key confirm` the receipts, \
                  then `key promote`",
-                m.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+                m.peers
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         let record = new_record(m, backend, state, OffsetDateTime::now_utc())?;
@@ -419,8 +423,13 @@ pub fn add_peer(store: &KeyStore, peer: &NodePublic) -> Result<(), AdminError> {
         ));
     }
     store.update(|m| {
-        if m.transport.as_ref().is_some_and(|t| t.fingerprint == peer.transport_fingerprint) {
-            return Err(AdminError::Refused("that is this node's own public file".into()));
+        if m.transport
+            .as_ref()
+            .is_some_and(|t| t.fingerprint == peer.transport_fingerprint)
+        {
+            return Err(AdminError::Refused(
+                "that is this node's own public file".into(),
+            ));
         }
         m.add_peer(Peer {
             name: peer.node.clone(),
@@ -500,7 +509,8 @@ pub fn stage_for_peers(
         };
         let bundle = export(store, backend, id.as_str(), &to)?;
         let path = outbox.join(format!("{id}.{}.bundle", sanitize(&peer.name)));
-        let json = serde_json::to_vec_pretty(&bundle).map_err(|e| AdminError::Refused(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&bundle).map_err(|e| AdminError::Refused(e.to_string()))?;
         std::fs::write(&path, json).map_err(|source| KeyStoreError::Io {
             op: "writing",
             path: path.clone(),
@@ -513,7 +523,13 @@ pub fn stage_for_peers(
 
 fn sanitize(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 

@@ -189,7 +189,8 @@ impl Metrics {
     }
 
     pub fn set_rotation_waiting(&self, peers: usize) {
-        self.rotation_waiting.set(i64::try_from(peers).unwrap_or(i64::MAX));
+        self.rotation_waiting
+            .set(i64::try_from(peers).unwrap_or(i64::MAX));
     }
 
     pub fn set_backend_healthy(&self, healthy: bool) {

@@ -42,7 +42,11 @@ pub fn cli_ok(args: &[&str]) -> String {
 
 /// A free loopback TCP port (bound then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A temporary key store initialized with the insecure software backend.
@@ -54,13 +58,22 @@ impl Store {
     pub fn init() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let s = Self { dir };
-        cli_ok(&["key", "init", "--key-store", s.path_str(), "--backend", "insecure-software"]);
+        cli_ok(&[
+            "key",
+            "init",
+            "--key-store",
+            s.path_str(),
+            "--backend",
+            "insecure-software",
+        ]);
         s
     }
 
     /// An empty directory: nothing initialized yet.
     pub fn empty() -> Self {
-        Self { dir: tempfile::tempdir().unwrap() }
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
 
     pub fn path(&self) -> PathBuf {
@@ -73,15 +86,33 @@ impl Store {
     }
 
     pub fn rotate(&self) -> String {
-        cli_ok(&["key", "rotate", "--key-store", self.path_str(), "--backend", "insecure-software"])
+        cli_ok(&[
+            "key",
+            "rotate",
+            "--key-store",
+            self.path_str(),
+            "--backend",
+            "insecure-software",
+        ])
     }
 
     pub fn list_json(&self) -> serde_json::Value {
-        serde_json::from_str(&cli_ok(&["key", "list", "--key-store", self.path_str(), "--output", "json"])).unwrap()
+        serde_json::from_str(&cli_ok(&[
+            "key",
+            "list",
+            "--key-store",
+            self.path_str(),
+            "--output",
+            "json",
+        ]))
+        .unwrap()
     }
 
     pub fn active_key(&self) -> String {
-        self.list_json()["active_key_id"].as_str().unwrap().to_owned()
+        self.list_json()["active_key_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 }
 
@@ -126,7 +157,13 @@ impl Plugin {
             .stderr(stderr)
             .spawn()
             .unwrap();
-        let mut p = Self { child, socket, http, _sock_dir: sock_dir, stderr_path };
+        let mut p = Self {
+            child,
+            socket,
+            http,
+            _sock_dir: sock_dir,
+            stderr_path,
+        };
         p.wait_ready().await;
         p
     }
@@ -140,7 +177,11 @@ impl Plugin {
             if self.socket.exists() && tokio::net::UnixStream::connect(&self.socket).await.is_ok() {
                 return;
             }
-            assert!(Instant::now() < deadline, "plugin not ready in 20s:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "plugin not ready in 20s:\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -148,7 +189,10 @@ impl Plugin {
     /// Everything the plugin wrote to stderr so far.
     pub fn logs(&self) -> String {
         let mut s = String::new();
-        std::fs::File::open(&self.stderr_path).unwrap().read_to_string(&mut s).unwrap();
+        std::fs::File::open(&self.stderr_path)
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
         s
     }
 
@@ -161,7 +205,10 @@ impl Plugin {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 
@@ -173,7 +220,11 @@ impl Plugin {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "plugin ignored SIGTERM:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "plugin ignored SIGTERM:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -182,11 +233,18 @@ impl Plugin {
     pub fn http_get(&self, path: &str) -> (u16, String) {
         use std::io::Write;
         let mut s = std::net::TcpStream::connect(&self.http).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut resp = String::new();
         s.read_to_string(&mut resp).unwrap();
         let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         (status, body)
     }
 }
@@ -205,7 +263,9 @@ pub async fn connect(path: &Path) -> Channel {
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
         }))
         .await
         .unwrap()

@@ -258,10 +258,18 @@ impl Manifest {
 
     /// Makes `id` the key Encrypt uses; the previous active key becomes decrypt-only.
     /// Refuses a key some peer does not hold, unless `force`.
-    pub fn promote(&mut self, id: &str, now: OffsetDateTime, force: bool) -> Result<(), ManifestError> {
+    pub fn promote(
+        &mut self,
+        id: &str,
+        now: OffsetDateTime,
+        force: bool,
+    ) -> Result<(), ManifestError> {
         let missing = self.missing_peers(id)?;
         if !missing.is_empty() && !force {
-            return Err(ManifestError::NotEnrolled { id: self.get(id)?.id.clone(), missing: missing.join(", ") });
+            return Err(ManifestError::NotEnrolled {
+                id: self.get(id)?.id.clone(),
+                missing: missing.join(", "),
+            });
         }
         let target = self.get(id)?;
         match target.state {
@@ -448,11 +456,15 @@ mod tests {
             m.retire(a.as_str(), OffsetDateTime::UNIX_EPOCH),
             Err(ManifestError::RetireActive(a.clone()))
         );
-        m.promote(b.as_str(), OffsetDateTime::UNIX_EPOCH, false).unwrap();
+        m.promote(b.as_str(), OffsetDateTime::UNIX_EPOCH, false)
+            .unwrap();
         assert_eq!(m.active().unwrap().id, b);
         assert_eq!(m.get(a.as_str()).unwrap().state, KeyState::DecryptOnly);
         m.retire(a.as_str(), OffsetDateTime::UNIX_EPOCH).unwrap();
-        assert!(m.promote(a.as_str(), OffsetDateTime::UNIX_EPOCH, false).is_err());
+        assert!(
+            m.promote(a.as_str(), OffsetDateTime::UNIX_EPOCH, false)
+                .is_err()
+        );
         m.reinstate(a.as_str(), OffsetDateTime::UNIX_EPOCH).unwrap();
         let c = record(&mut m, KeyState::Active);
         assert_eq!(m.active().unwrap().id, c);
@@ -480,15 +492,24 @@ mod tests {
         };
         m.add_peer(peer("n2")).unwrap();
         m.add_peer(peer("n3")).unwrap();
-        assert!(matches!(m.add_peer(peer("n2")), Err(ManifestError::DuplicatePeer(_))));
-        let err = m.promote(b.as_str(), OffsetDateTime::UNIX_EPOCH, false).unwrap_err();
+        assert!(matches!(
+            m.add_peer(peer("n2")),
+            Err(ManifestError::DuplicatePeer(_))
+        ));
+        let err = m
+            .promote(b.as_str(), OffsetDateTime::UNIX_EPOCH, false)
+            .unwrap_err();
         assert!(err.to_string().contains("n2, n3"), "{err}");
         m.confirm(b.as_str(), "n2").unwrap();
         assert_eq!(m.missing_peers(b.as_str()).unwrap(), vec!["n3"]);
         assert!(m.confirm(b.as_str(), "n9").is_err());
-        assert!(m.promote(b.as_str(), OffsetDateTime::UNIX_EPOCH, false).is_err());
+        assert!(
+            m.promote(b.as_str(), OffsetDateTime::UNIX_EPOCH, false)
+                .is_err()
+        );
         m.remove_peer("n3").unwrap();
-        m.promote(b.as_str(), OffsetDateTime::UNIX_EPOCH, false).unwrap();
+        m.promote(b.as_str(), OffsetDateTime::UNIX_EPOCH, false)
+            .unwrap();
         assert_eq!(m.active().unwrap().id, b);
     }
 

@@ -11,7 +11,9 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-pub use manifest::{KeyOrigin, KeyRecord, KeyState, Manifest, ManifestError, Peer, TransportRecord};
+pub use manifest::{
+    KeyOrigin, KeyRecord, KeyState, Manifest, ManifestError, Peer, TransportRecord,
+};
 
 use crate::backend::BackendError;
 
@@ -143,7 +145,9 @@ impl KeyStore {
     /// Temporary manifests left by a writer that was killed mid-write. Only called under
     /// the lock, when no writer can be busy with one.
     fn remove_stale_temp_files(&self) {
-        let Ok(entries) = fs::read_dir(&self.dir) else { return };
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();

@@ -119,7 +119,12 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    let keeper = tokio::spawn(keep(Arc::clone(&shared), cfg.clone(), hup, shutdown_rx.clone()));
+    let keeper = tokio::spawn(keep(
+        Arc::clone(&shared),
+        cfg.clone(),
+        hup,
+        shutdown_rx.clone(),
+    ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<V2Server<V2Service>>().await;

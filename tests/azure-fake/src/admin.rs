@@ -1,0 +1,90 @@
+//! The `/_fake/` control API on the plain-HTTP listener, for tests that run the binary
+//! (the Python SDK check, shell-driven end-to-end tests).
+//!
+//! | request | effect |
+//! | --- | --- |
+//! | `GET /_fake/health` | 200 `{"ok":true}` |
+//! | `GET /_fake/stats` | [`crate::Stats`] as JSON |
+//! | `POST /_fake/stats/reset` | zero the statistics |
+//! | `POST /_fake/faults` body [`crate::Fault`] JSON, e.g. `{"kind":"throttle","target":"vault","retry_after_secs":1,"count":2}` | inject |
+//! | `DELETE /_fake/faults` | clear all faults |
+//! | `PUT /_fake/secrets/{name}` body `{"value":..,"contentType":..}` | set (cert content types make it managed); answers `{"version":..}` |
+//! | `DELETE /_fake/secrets/{name}` | delete |
+//! | `POST /_fake/secrets/{name}/forbid` / `.../allow` | 403 ForbiddenByRbac on / off |
+//! | `POST /_fake/tokens/revoke` | forget every issued access token |
+
+use hyper::{Method, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::http::{Body, Req, empty_response, json_response};
+use crate::model::Fault;
+use crate::state::Shared;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AdminSecret {
+    value: String,
+    content_type: Option<String>,
+}
+
+fn bad(message: String) -> Response<Body> {
+    json_response(400, &json!({ "error": message }))
+}
+
+pub(crate) fn handle(shared: &Shared, req: &Req) -> Response<Body> {
+    let path = req.path.trim_end_matches('/');
+    let segs: Vec<&str> = path.split('/').skip(2).collect();
+    match (&req.method, segs.as_slice()) {
+        (&Method::GET, ["health"]) => json_response(200, &json!({"ok": true})),
+        (&Method::GET, ["stats"]) => match serde_json::to_value(shared.stats()) {
+            Ok(v) => json_response(200, &v),
+            Err(e) => json_response(500, &json!({"error": e.to_string()})),
+        },
+        (&Method::POST, ["stats", "reset"]) => {
+            shared.reset_stats();
+            empty_response(204)
+        }
+        (&Method::POST, ["faults"]) => match serde_json::from_slice::<Fault>(&req.body) {
+            Ok(f) => {
+                shared.inject(f);
+                empty_response(204)
+            }
+            Err(e) => bad(format!("not a fault: {e}")),
+        },
+        (&Method::DELETE, ["faults"]) => {
+            shared.clear_faults();
+            empty_response(204)
+        }
+        (&Method::PUT, ["secrets", name]) => {
+            match serde_json::from_slice::<AdminSecret>(&req.body) {
+                Ok(s) => {
+                    let version =
+                        crate::set_secret_in(shared, name, &s.value, s.content_type.as_deref());
+                    json_response(200, &json!({ "version": version }))
+                }
+                Err(e) => bad(format!("not a secret: {e}")),
+            }
+        }
+        (&Method::DELETE, ["secrets", name]) => {
+            shared.delete_secret(name);
+            empty_response(204)
+        }
+        (&Method::POST, ["secrets", name, "forbid"]) => {
+            shared.set_forbidden(name, true);
+            empty_response(204)
+        }
+        (&Method::POST, ["secrets", name, "allow"]) => {
+            shared.set_forbidden(name, false);
+            empty_response(204)
+        }
+        (&Method::POST, ["tokens", "revoke"]) => {
+            shared.revoke_tokens();
+            empty_response(204)
+        }
+        _ => json_response(
+            404,
+            &json!({"error": format!("no admin route {} {}", req.method, req.path)}),
+        ),
+    }
+}
