@@ -216,11 +216,15 @@ impl KeyBackend for TpmBackend {
     }
 
     fn health(&self) -> Result<(), BackendError> {
+        let op = format!(
+            "asking the TPM ({}) for random bytes: it stopped answering",
+            self.opts.tcti
+        );
         self.with_conn(|c| {
             c.ctx
                 .get_random(8)
                 .map(|_| ())
-                .map_err(|e| tpm_err("asking the TPM for random bytes", &e))
+                .map_err(|e| tpm_err(&op, &e))
         })
     }
 
