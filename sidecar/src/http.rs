@@ -17,7 +17,10 @@ pub const MAX_BODY: usize = 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     #[error("reading CA file {}: {message}", path.display())]
-    CaFile { path: std::path::PathBuf, message: String },
+    CaFile {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("no trusted root certificates: the system store is empty and no --ca-file was given")]
     NoRoots,
     #[error("TLS setup: {0}")]
@@ -49,14 +52,26 @@ pub fn build(ca_file: Option<&Path>) -> Result<Clients, HttpError> {
     }
     if let Some(path) = ca_file {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| HttpError::CaFile { path: path.to_owned(), message: e.to_string() })?
+            .map_err(|e| HttpError::CaFile {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?
             .collect::<Result<_, _>>()
-            .map_err(|e| HttpError::CaFile { path: path.to_owned(), message: e.to_string() })?;
+            .map_err(|e| HttpError::CaFile {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
         if certs.is_empty() {
-            return Err(HttpError::CaFile { path: path.to_owned(), message: "no PEM certificates in it".into() });
+            return Err(HttpError::CaFile {
+                path: path.to_owned(),
+                message: "no PEM certificates in it".into(),
+            });
         }
         for c in certs {
-            roots.add(c).map_err(|e| HttpError::CaFile { path: path.to_owned(), message: e.to_string() })?;
+            roots.add(c).map_err(|e| HttpError::CaFile {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
         }
     }
     if roots.is_empty() {
@@ -106,13 +121,19 @@ pub async fn read_body(mut resp: reqwest::Response) -> Result<Zeroizing<Vec<u8>>
         return Err(BodyError::TooLarge);
     }
     let mut body = Zeroizing::new(Vec::new());
-    while let Some(chunk) = resp.chunk().await.map_err(|e| BodyError::Read(without_url(&e)))? {
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| BodyError::Read(without_url(&e)))?
+    {
         if body.len() + chunk.len() > MAX_BODY {
             return Err(BodyError::TooLarge);
         }
         // Grow by copying into a fresh zeroizing buffer, so no stale copy stays behind.
         if body.capacity() < body.len() + chunk.len() {
-            let mut bigger = Zeroizing::new(Vec::with_capacity((body.len() + chunk.len()).max(body.capacity() * 2)));
+            let mut bigger = Zeroizing::new(Vec::with_capacity(
+                (body.len() + chunk.len()).max(body.capacity() * 2),
+            ));
             bigger.extend_from_slice(&body);
             body = bigger;
         }

@@ -1,6 +1,26 @@
-//! The Key Vault sidecar binary (being built; see the issue tracker).
+use std::process::ExitCode;
 
-fn main() -> std::process::ExitCode {
-    eprintln!("sidecar: not implemented yet in this build");
-    std::process::ExitCode::from(2)
+use clap::Parser;
+use sidecar::cli::Cli;
+use sidecar::config::Config;
+use sidecar::identity::Env;
+
+fn main() -> ExitCode {
+    // No core dumps: they would hold secret values and tokens.
+    let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sidecar: error: {}", sidecar::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    sidecar::cli::init_logging(cli.log_format, &cli.log_level)?;
+    let cfg = Config::load(cli.config.as_deref(), cli.overrides())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(sidecar::runner::run(cfg, Env::from_process()))
 }

@@ -41,15 +41,31 @@ pub struct Cloud {
 
 impl Cloud {
     pub fn parse(name: Option<&str>) -> Result<Self, ConfigError> {
-        let c = |n: &str, a: &str, v: &str| Self { name: n.into(), authority_host: a.into(), vault_suffix: v.into() };
-        match name.unwrap_or("AzurePublicCloud").to_ascii_lowercase().as_str() {
-            "" | "azurepubliccloud" | "azurecloud" | "public" => {
-                Ok(c("AzurePublicCloud", "https://login.microsoftonline.com", "vault.azure.net"))
-            }
-            "azurechinacloud" | "china" => Ok(c("AzureChinaCloud", "https://login.chinacloudapi.cn", "vault.azure.cn")),
-            "azureusgovernmentcloud" | "azureusgovernment" | "usgovernment" => {
-                Ok(c("AzureUSGovernmentCloud", "https://login.microsoftonline.us", "vault.usgovcloudapi.net"))
-            }
+        let c = |n: &str, a: &str, v: &str| Self {
+            name: n.into(),
+            authority_host: a.into(),
+            vault_suffix: v.into(),
+        };
+        match name
+            .unwrap_or("AzurePublicCloud")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "" | "azurepubliccloud" | "azurecloud" | "public" => Ok(c(
+                "AzurePublicCloud",
+                "https://login.microsoftonline.com",
+                "vault.azure.net",
+            )),
+            "azurechinacloud" | "china" => Ok(c(
+                "AzureChinaCloud",
+                "https://login.chinacloudapi.cn",
+                "vault.azure.cn",
+            )),
+            "azureusgovernmentcloud" | "azureusgovernment" | "usgovernment" => Ok(c(
+                "AzureUSGovernmentCloud",
+                "https://login.microsoftonline.us",
+                "vault.usgovcloudapi.net",
+            )),
             _ => Err(invalid(format!(
                 "cloudName {:?} is unknown; use AzurePublicCloud, AzureChinaCloud or \
                  AzureUSGovernmentCloud, or give vaultUrl (and AZURE_AUTHORITY_HOST) for a custom cloud",
@@ -116,7 +132,11 @@ impl ObjectSpec {
         if split_cert_key && self.kind == ObjectKind::Secret && self.format == CertFormat::Pem {
             // Only certificate-backed secrets are split; which ones is known after the
             // fetch, so both names are reserved.
-            vec![self.file.clone(), format!("{}.crt", self.file), format!("{}.key", self.file)]
+            vec![
+                self.file.clone(),
+                format!("{}.crt", self.file),
+                format!("{}.key", self.file),
+            ]
         } else {
             vec![self.file.clone()]
         }
@@ -184,9 +204,14 @@ impl Config {
     pub fn load(file: Option<&Path>, o: Overrides) -> Result<Self, ConfigError> {
         let raw = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-                serde_yaml_ng::from_str::<RawConfig>(&text)
-                    .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                serde_yaml_ng::from_str::<RawConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?
             }
             None => RawConfig::default(),
         };
@@ -198,12 +223,20 @@ impl Config {
         let vault_url = match (o.vault_url.or(raw.vault_url), raw.keyvault_name) {
             (Some(u), _) => parse_vault_url(&u)?,
             (None, Some(name)) => {
-                if !(3..=24).contains(&name.len()) || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                    return Err(invalid(format!("keyvaultName {name:?} is not a Key Vault name (3-24 letters, digits, '-')")));
+                if !(3..=24).contains(&name.len())
+                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                {
+                    return Err(invalid(format!(
+                        "keyvaultName {name:?} is not a Key Vault name (3-24 letters, digits, '-')"
+                    )));
                 }
                 parse_vault_url(&format!("https://{name}.{}", cloud.vault_suffix))?
             }
-            (None, None) => return Err(invalid("no vault: set keyvaultName or vaultUrl in the config, or --vault-url")),
+            (None, None) => {
+                return Err(invalid(
+                    "no vault: set keyvaultName or vaultUrl in the config, or --vault-url",
+                ));
+            }
         };
 
         let mut raw_objects = match raw.objects {
@@ -214,7 +247,9 @@ impl Config {
             raw_objects.push(parse_secret_flag(spec)?);
         }
         if raw_objects.is_empty() {
-            return Err(invalid("no objects to fetch: list them under objects: in the config, or give --secret NAME"));
+            return Err(invalid(
+                "no objects to fetch: list them under objects: in the config, or give --secret NAME",
+            ));
         }
         let split_cert_key = raw
             .write_cert_and_key_in_separate_files
@@ -222,33 +257,50 @@ impl Config {
             .transpose()
             .map_err(invalid)?
             .unwrap_or(false);
-        let objects = raw_objects.into_iter().map(validate_object).collect::<Result<Vec<_>, _>>()?;
+        let objects = raw_objects
+            .into_iter()
+            .map(validate_object)
+            .collect::<Result<Vec<_>, _>>()?;
         let mut seen = std::collections::HashSet::new();
         for obj in &objects {
             for f in obj.file_names(split_cert_key) {
                 if !seen.insert(f.clone()) {
-                    return Err(invalid(format!("two objects would write the same file {f:?}: give one an objectAlias")));
+                    return Err(invalid(format!(
+                        "two objects would write the same file {f:?}: give one an objectAlias"
+                    )));
                 }
             }
         }
 
-        let output_dir = o
-            .output_dir
-            .or(raw.output_dir)
-            .ok_or_else(|| invalid("no output directory: set outputDir in the config or --output-dir"))?;
+        let output_dir = o.output_dir.or(raw.output_dir).ok_or_else(|| {
+            invalid("no output directory: set outputDir in the config or --output-dir")
+        })?;
         if !output_dir.is_absolute() {
-            return Err(invalid(format!("output directory {} must be an absolute path", output_dir.display())));
+            return Err(invalid(format!(
+                "output directory {} must be an absolute path",
+                output_dir.display()
+            )));
         }
         let refresh = o.refresh_interval.or(raw.refresh_interval);
         let refresh_interval = match refresh {
-            Some(s) => humantime::parse_duration(&s).map_err(|e| invalid(format!("refresh interval {s:?}: {e}")))?,
+            Some(s) => humantime::parse_duration(&s)
+                .map_err(|e| invalid(format!("refresh interval {s:?}: {e}")))?,
             None => DEFAULT_REFRESH,
         };
         if refresh_interval < Duration::from_secs(1) {
-            return Err(invalid("refresh interval must be at least 1s (Key Vault throttles at ~4000 reads per 10 s per vault)"));
+            return Err(invalid(
+                "refresh interval must be at least 1s (Key Vault throttles at ~4000 reads per 10 s per vault)",
+            ));
         }
-        let api_version = o.api_version.or(raw.api_version).unwrap_or_else(|| DEFAULT_API_VERSION.into());
-        if api_version.is_empty() || !api_version.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
+        let api_version = o
+            .api_version
+            .or(raw.api_version)
+            .unwrap_or_else(|| DEFAULT_API_VERSION.into());
+        if api_version.is_empty()
+            || !api_version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        {
             return Err(invalid(format!("api version {api_version:?} is not valid")));
         }
         let identity = match (o.identity, raw.identity) {
@@ -271,7 +323,9 @@ impl Config {
             .transpose()?;
         let process_name = o.notify_process.or(raw_notify.process_name);
         if signal.is_some() != process_name.is_some() {
-            return Err(invalid("notify: a signal needs a process name to send it to, and the other way round"));
+            return Err(invalid(
+                "notify: a signal needs a process name to send it to, and the other way round",
+            ));
         }
         let command = match o.notify_command {
             Some(c) => Some(c.split_whitespace().map(String::from).collect::<Vec<_>>()),
@@ -280,9 +334,18 @@ impl Config {
         if command.as_ref().is_some_and(|c| c.is_empty()) {
             return Err(invalid("notify command is empty"));
         }
-        let http_addr = match o.http_addr.or(raw.http_addr).unwrap_or_else(|| DEFAULT_HTTP_ADDR.into()).as_str() {
+        let http_addr = match o
+            .http_addr
+            .or(raw.http_addr)
+            .unwrap_or_else(|| DEFAULT_HTTP_ADDR.into())
+            .as_str()
+        {
             "off" | "" => None,
-            a => Some(a.parse().map_err(|e| invalid(format!("http address {a:?} is not HOST:PORT ({e}); \"off\" disables it")))?),
+            a => Some(a.parse().map_err(|e| {
+                invalid(format!(
+                    "http address {a:?} is not HOST:PORT ({e}); \"off\" disables it"
+                ))
+            })?),
         };
         Ok(Self {
             vault_url,
@@ -297,11 +360,17 @@ impl Config {
             ca_file: o.ca_file.or(raw.ca_file),
             verify_challenge_resource: !disable_verify,
             split_cert_key,
-            notify: NotifyConfig { signal, process_name, command },
+            notify: NotifyConfig {
+                signal,
+                process_name,
+                command,
+            },
             http_addr,
             once: o.once,
             allow_disk_output: o.allow_disk_output,
-            arc_token_dir: o.arc_token_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_ARC_TOKEN_DIR)),
+            arc_token_dir: o
+                .arc_token_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_ARC_TOKEN_DIR)),
         })
     }
 }
@@ -311,8 +380,14 @@ fn parse_vault_url(s: &str) -> Result<Url, ConfigError> {
     if u.scheme() != "https" {
         return Err(invalid(format!("vault URL {s:?} must use https")));
     }
-    if u.host_str().is_none() || u.query().is_some() || u.fragment().is_some() || !matches!(u.path(), "" | "/") {
-        return Err(invalid(format!("vault URL {s:?} must be just https://HOST[:PORT]")));
+    if u.host_str().is_none()
+        || u.query().is_some()
+        || u.fragment().is_some()
+        || !matches!(u.path(), "" | "/")
+    {
+        return Err(invalid(format!(
+            "vault URL {s:?} must be just https://HOST[:PORT]"
+        )));
     }
     Ok(u)
 }
@@ -339,22 +414,39 @@ fn parse_secret_flag(s: &str) -> Result<RawObject, ConfigError> {
 fn validate_object(r: RawObject) -> Result<ObjectSpec, ConfigError> {
     let name = r.object_name;
     let what = |msg: String| invalid(format!("object {name:?}: {msg}"));
-    if name.is_empty() || name.len() > 127 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-        return Err(what("objectName must be 1-127 letters, digits or '-', as Key Vault names are".into()));
+    if name.is_empty()
+        || name.len() > 127
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(what(
+            "objectName must be 1-127 letters, digits or '-', as Key Vault names are".into(),
+        ));
     }
     let kind = match r.object_type.as_deref().unwrap_or("secret") {
         "secret" => ObjectKind::Secret,
         "cert" => ObjectKind::Cert,
-        "key" => return Err(what("objectType key is not supported yet; fetch the key's certificate or secret instead".into())),
-        other => return Err(what(format!("objectType {other:?} is not secret, cert or key"))),
+        "key" => return Err(what(
+            "objectType key is not supported yet; fetch the key's certificate or secret instead"
+                .into(),
+        )),
+        other => {
+            return Err(what(format!(
+                "objectType {other:?} is not secret, cert or key"
+            )));
+        }
     };
     let version = r.object_version.filter(|v| !v.is_empty());
     if let Some(v) = &version {
         if v.len() != 32 || !v.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(what(format!("objectVersion {v:?} is not a Key Vault version (32 hex digits)")));
+            return Err(what(format!(
+                "objectVersion {v:?} is not a Key Vault version (32 hex digits)"
+            )));
         }
     }
-    let file = r.object_alias.filter(|a| !a.is_empty()).unwrap_or_else(|| name.clone());
+    let file = r
+        .object_alias
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| name.clone());
     if !is_plain_name(&file) || file == "." || file == ".." {
         return Err(what(format!(
             "file name {file:?} must be a plain file name: no '/', no '..', no leading '.'"
@@ -365,27 +457,52 @@ fn validate_object(r: RawObject) -> Result<ObjectSpec, ConfigError> {
         "pfx" => CertFormat::Pfx,
         other => return Err(what(format!("objectFormat {other:?} is not pem or pfx"))),
     };
-    let encoding = match r.object_encoding.as_deref().unwrap_or("utf-8").to_ascii_lowercase().as_str() {
+    let encoding = match r
+        .object_encoding
+        .as_deref()
+        .unwrap_or("utf-8")
+        .to_ascii_lowercase()
+        .as_str()
+    {
         "utf-8" | "utf8" | "" => Encoding::Utf8,
         "base64" => Encoding::Base64,
         "hex" => Encoding::Hex,
-        other => return Err(what(format!("objectEncoding {other:?} is not utf-8, base64 or hex"))),
+        other => {
+            return Err(what(format!(
+                "objectEncoding {other:?} is not utf-8, base64 or hex"
+            )));
+        }
     };
     let mode = match r.file_permission.as_deref() {
         None | Some("") => 0o400,
         Some(p) => {
-            let m = u32::from_str_radix(p.trim_start_matches("0o"), 8)
-                .map_err(|_| what(format!("filePermission {p:?} is not an octal mode like 0440")))?;
+            let m = u32::from_str_radix(p.trim_start_matches("0o"), 8).map_err(|_| {
+                what(format!(
+                    "filePermission {p:?} is not an octal mode like 0440"
+                ))
+            })?;
             if m > 0o777 {
                 return Err(what(format!("filePermission {p:?} has bits beyond 0777")));
             }
             if m & 0o002 != 0 {
-                return Err(what(format!("filePermission {p:?} would let anyone write the secret")));
+                return Err(what(format!(
+                    "filePermission {p:?} would let anyone write the secret"
+                )));
             }
             m
         }
     };
-    Ok(ObjectSpec { name, kind, version, file, format, encoding, mode, uid: r.uid, gid: r.gid })
+    Ok(ObjectSpec {
+        name,
+        kind,
+        version,
+        file,
+        format,
+        encoding,
+        mode,
+        uid: r.uid,
+        gid: r.gid,
+    })
 }
 
 fn parse_signal(s: &str) -> Result<i32, ConfigError> {
@@ -397,7 +514,11 @@ fn parse_signal(s: &str) -> Result<i32, ConfigError> {
         "USR1" => 10,
         "USR2" => 12,
         "TERM" => 15,
-        other => other.parse().map_err(|_| invalid(format!("signal {s:?} is not one of SIGHUP, SIGUSR1, SIGUSR2, SIGINT, SIGQUIT, SIGTERM")))?,
+        other => other.parse().map_err(|_| {
+            invalid(format!(
+                "signal {s:?} is not one of SIGHUP, SIGUSR1, SIGUSR2, SIGINT, SIGQUIT, SIGTERM"
+            ))
+        })?,
     };
     Ok(n)
 }
@@ -412,7 +533,10 @@ mod tests {
     }
 
     fn out() -> Overrides {
-        Overrides { output_dir: Some("/mnt/secrets".into()), ..Default::default() }
+        Overrides {
+            output_dir: Some("/mnt/secrets".into()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -421,7 +545,10 @@ mod tests {
         let c = from_yaml(list, out()).unwrap();
         assert_eq!(c.vault_url.as_str(), "https://myvault.vault.azure.net/");
         assert_eq!(c.objects.len(), 2);
-        assert_eq!((c.objects[0].file.as_str(), c.objects[0].mode), ("db.txt", 0o440));
+        assert_eq!(
+            (c.objects[0].file.as_str(), c.objects[0].mode),
+            ("db.txt", 0o440)
+        );
         assert_eq!(c.objects[1].kind, ObjectKind::Cert);
         assert_eq!(c.refresh_interval, DEFAULT_REFRESH);
         let csi = "keyvaultName: kv1\ncloudName: AzureChinaCloud\nobjects: |\n  array:\n    - |\n      objectName: s1\n      objectType: secret\n      objectVersion: \"\"\n";
@@ -435,33 +562,75 @@ mod tests {
     fn flags_for_the_simple_case() {
         let o = Overrides {
             vault_url: Some("https://kv.vault.usgovcloudapi.net".into()),
-            secrets: vec!["a".into(), format!("b@{}=b.txt", "0123456789abcdef0123456789abcdef")],
+            secrets: vec![
+                "a".into(),
+                format!("b@{}=b.txt", "0123456789abcdef0123456789abcdef"),
+            ],
             ..out()
         };
         let c = Config::resolve(RawConfig::default(), o).unwrap();
         assert_eq!(c.objects[1].file, "b.txt");
-        assert_eq!(c.objects[1].version.as_deref(), Some("0123456789abcdef0123456789abcdef"));
+        assert_eq!(
+            c.objects[1].version.as_deref(),
+            Some("0123456789abcdef0123456789abcdef")
+        );
         assert_eq!(c.objects[0].mode, 0o400);
     }
 
     #[test]
     fn rejects_what_it_must() {
         let bad = |y: &str| from_yaml(y, out()).unwrap_err().to_string();
-        assert!(bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectAlias: ../x\n").contains("plain file name"));
-        assert!(bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectAlias: .hidden\n").contains("plain file name"));
-        assert!(bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectAlias: a/b\n").contains("plain file name"));
+        assert!(
+            bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectAlias: ../x\n")
+                .contains("plain file name")
+        );
+        assert!(
+            bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectAlias: .hidden\n")
+                .contains("plain file name")
+        );
+        assert!(
+            bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectAlias: a/b\n")
+                .contains("plain file name")
+        );
         assert!(bad("keyvaultName: kv1\nsurprise: 1\n").contains("surprise"));
-        assert!(bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectNmae: b\n").contains("objectNmae"));
+        assert!(
+            bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectNmae: b\n")
+                .contains("objectNmae")
+        );
         assert!(bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n  - objectName: b\n    objectAlias: a\n").contains("same file"));
-        assert!(bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectVersion: v1\n").contains("32 hex"));
-        assert!(bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    filePermission: \"0666\"\n").contains("anyone write"));
-        assert!(bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectType: key\n").contains("not supported"));
+        assert!(
+            bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectVersion: v1\n")
+                .contains("32 hex")
+        );
+        assert!(
+            bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    filePermission: \"0666\"\n")
+                .contains("anyone write")
+        );
+        assert!(
+            bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectType: key\n")
+                .contains("not supported")
+        );
         assert!(bad("vaultUrl: http://kv\nobjects:\n  - objectName: a\n").contains("https"));
-        assert!(bad("keyvaultName: kv1\ncloudName: Mars\nobjects:\n  - objectName: a\n").contains("Mars"));
+        assert!(
+            bad("keyvaultName: kv1\ncloudName: Mars\nobjects:\n  - objectName: a\n")
+                .contains("Mars")
+        );
         assert!(bad("keyvaultName: kv1\n").contains("no objects"));
-        let no_out = from_yaml("keyvaultName: kv1\nobjects:\n  - objectName: a\n", Overrides::default()).unwrap_err();
+        let no_out = from_yaml(
+            "keyvaultName: kv1\nobjects:\n  - objectName: a\n",
+            Overrides::default(),
+        )
+        .unwrap_err();
         assert!(no_out.to_string().contains("output directory"));
-        let sig = Overrides { notify_signal: Some("SIGHUP".into()), ..out() };
-        assert!(from_yaml("keyvaultName: kv1\nobjects:\n  - objectName: a\n", sig).unwrap_err().to_string().contains("process name"));
+        let sig = Overrides {
+            notify_signal: Some("SIGHUP".into()),
+            ..out()
+        };
+        assert!(
+            from_yaml("keyvaultName: kv1\nobjects:\n  - objectName: a\n", sig)
+                .unwrap_err()
+                .to_string()
+                .contains("process name")
+        );
     }
 }

@@ -86,8 +86,8 @@ pub struct RawNotify {
 pub fn objects_list(v: serde_yaml_ng::Value) -> Result<Vec<RawObject>, String> {
     match v {
         serde_yaml_ng::Value::String(s) => {
-            let arr: CsiArray =
-                serde_yaml_ng::from_str(&s).map_err(|e| format!("objects (CSI string form): {e}"))?;
+            let arr: CsiArray = serde_yaml_ng::from_str(&s)
+                .map_err(|e| format!("objects (CSI string form): {e}"))?;
             arr.array
                 .iter()
                 .enumerate()
@@ -101,7 +101,8 @@ pub fn objects_list(v: serde_yaml_ng::Value) -> Result<Vec<RawObject>, String> {
             .into_iter()
             .enumerate()
             .map(|(i, item)| {
-                serde_yaml_ng::from_value::<RawObject>(item).map_err(|e| format!("objects[{i}]: {e}"))
+                serde_yaml_ng::from_value::<RawObject>(item)
+                    .map_err(|e| format!("objects[{i}]: {e}"))
             })
             .collect(),
         _ => Err("objects must be a list of objects (or the CSI driver's string form)".into()),

@@ -39,7 +39,12 @@ pub fn decode(value: &SecretBytes, encoding: Encoding) -> Result<SecretBytes, Co
     match encoding {
         Encoding::Utf8 => Ok(value.duplicate()),
         Encoding::Base64 => {
-            let trimmed: Vec<u8> = value.expose().iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+            let trimmed: Vec<u8> = value
+                .expose()
+                .iter()
+                .copied()
+                .filter(|b| !b.is_ascii_whitespace())
+                .collect();
             let trimmed = SecretBytes::new(trimmed);
             STANDARD
                 .decode(trimmed.expose())
@@ -48,7 +53,11 @@ pub fn decode(value: &SecretBytes, encoding: Encoding) -> Result<SecretBytes, Co
         }
         Encoding::Hex => {
             let s = value.expose();
-            let s: Vec<u8> = s.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+            let s: Vec<u8> = s
+                .iter()
+                .copied()
+                .filter(|b| !b.is_ascii_whitespace())
+                .collect();
             let s = SecretBytes::new(s);
             let h = s.expose();
             if h.len() % 2 != 0 {
@@ -97,8 +106,12 @@ impl PemParts {
 /// Key Vault returns the PFX of a certificate base64-encoded, with an empty password.
 pub fn pkcs12_to_pem(base64_pfx: &SecretBytes) -> Result<PemParts, ConvertError> {
     let pfx = decode(base64_pfx, Encoding::Base64)?;
-    let store = p12_keystore::KeyStore::from_pkcs12(pfx.expose(), "", p12_keystore::Pkcs12ImportPolicy::Relaxed)
-        .map_err(|e| ConvertError::Pkcs12(e.to_string()))?;
+    let store = p12_keystore::KeyStore::from_pkcs12(
+        pfx.expose(),
+        "",
+        p12_keystore::Pkcs12ImportPolicy::Relaxed,
+    )
+    .map_err(|e| ConvertError::Pkcs12(e.to_string()))?;
     let (_, chain) = store.private_key_chain().ok_or(ConvertError::NoKeyChain)?;
     let key = SecretBytes::new(pem_block("PRIVATE KEY", chain.key().as_der()));
     let mut certs = Vec::new();
@@ -131,13 +144,27 @@ mod tests {
 
     #[test]
     fn decodes() {
-        assert_eq!(decode(&s("aGVsbG8="), Encoding::Base64).unwrap().expose(), b"hello");
-        assert_eq!(decode(&s("aGVs\nbG8=\n"), Encoding::Base64).unwrap().expose(), b"hello");
-        assert_eq!(decode(&s("68656C6c6f"), Encoding::Hex).unwrap().expose(), b"hello");
+        assert_eq!(
+            decode(&s("aGVsbG8="), Encoding::Base64).unwrap().expose(),
+            b"hello"
+        );
+        assert_eq!(
+            decode(&s("aGVs\nbG8=\n"), Encoding::Base64)
+                .unwrap()
+                .expose(),
+            b"hello"
+        );
+        assert_eq!(
+            decode(&s("68656C6c6f"), Encoding::Hex).unwrap().expose(),
+            b"hello"
+        );
         assert!(decode(&s("6"), Encoding::Hex).is_err());
         assert!(decode(&s("zz"), Encoding::Hex).is_err());
         assert!(decode(&s("!!"), Encoding::Base64).is_err());
-        assert_eq!(decode(&s("plain"), Encoding::Utf8).unwrap().expose(), b"plain");
+        assert_eq!(
+            decode(&s("plain"), Encoding::Utf8).unwrap().expose(),
+            b"plain"
+        );
     }
 
     #[test]

@@ -17,7 +17,11 @@ pub fn fs_kind(path: &Path) -> std::io::Result<FsKind> {
     let st = rustix::fs::statfs(path)?;
     #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
     let magic = i64::from(st.f_type as i64);
-    Ok(if magic == TMPFS_MAGIC || magic == RAMFS_MAGIC { FsKind::Memory } else { FsKind::Other(magic) })
+    Ok(if magic == TMPFS_MAGIC || magic == RAMFS_MAGIC {
+        FsKind::Memory
+    } else {
+        FsKind::Other(magic)
+    })
 }
 
 #[cfg(test)]

@@ -50,7 +50,12 @@ fn io(op: &'static str, path: &Path, source: std::io::Error) -> WriteError {
         Some(1) => " (changing owners needs CAP_CHOWN: drop uid/gid from the config or grant it)",
         _ => "",
     };
-    WriteError::Io { op, path: path.to_owned(), source, hint }
+    WriteError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+        hint,
+    }
 }
 
 /// Publishes `files` as the new content of `dir`. Files of the previous set that are not
@@ -91,13 +96,16 @@ fn write_payload(ts_dir: &Path, files: &[FileSpec]) -> Result<(), WriteError> {
             .mode(0o600)
             .open(&path)
             .map_err(|e| io("creating", &path, e))?;
-        file.write_all(f.content.expose()).map_err(|e| io("writing", &path, e))?;
+        file.write_all(f.content.expose())
+            .map_err(|e| io("writing", &path, e))?;
         file.sync_all().map_err(|e| io("syncing", &path, e))?;
         if f.uid.is_some() || f.gid.is_some() {
-            std::os::unix::fs::fchown(&file, f.uid, f.gid).map_err(|e| io("changing the owner of", &path, e))?;
+            std::os::unix::fs::fchown(&file, f.uid, f.gid)
+                .map_err(|e| io("changing the owner of", &path, e))?;
         }
         // The final mode last: it may remove our own write permission.
-        fs::set_permissions(&path, fs::Permissions::from_mode(f.mode)).map_err(|e| io("setting the mode of", &path, e))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(f.mode))
+            .map_err(|e| io("setting the mode of", &path, e))?;
     }
     Ok(())
 }
@@ -143,7 +151,9 @@ fn swap(dir: &Path, ts_name: &str, files: &[FileSpec]) -> Result<(), WriteError>
 
 /// Payload directories of earlier runs that crashed before cleaning up.
 fn remove_orphans(dir: &Path, current: &str) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with("..")
@@ -197,7 +207,13 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, content: &str, mode: u32) -> FileSpec {
-        FileSpec { name: name.into(), content: SecretBytes::new(content.as_bytes().to_vec()), mode, uid: None, gid: None }
+        FileSpec {
+            name: name.into(),
+            content: SecretBytes::new(content.as_bytes().to_vec()),
+            mode,
+            uid: None,
+            gid: None,
+        }
     }
 
     #[test]
@@ -205,7 +221,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         publish(d.path(), &[spec("a", "1", 0o400), spec("b", "2", 0o440)]).unwrap();
         assert_eq!(read_delivered(d.path(), "a").unwrap(), b"1");
-        assert_eq!(fs::metadata(d.path().join("b")).unwrap().mode() & 0o777, 0o440);
+        assert_eq!(
+            fs::metadata(d.path().join("b")).unwrap().mode() & 0o777,
+            0o440
+        );
         let first = fs::read_link(d.path().join(DATA_LINK)).unwrap();
         publish(d.path(), &[spec("a", "10", 0o400), spec("c", "3", 0o400)]).unwrap();
         assert_eq!(read_delivered(d.path(), "a").unwrap(), b"10");
@@ -213,7 +232,10 @@ mod tests {
         assert!(!d.path().join("b").exists(), "removed files disappear");
         assert!(!d.path().join(&first).exists(), "old payload removed");
         // Exactly: ..data, one payload dir, a, c.
-        let names: Vec<String> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         assert_eq!(names.len(), 4, "{names:?}");
     }
 
@@ -225,9 +247,15 @@ mod tests {
         let err = publish(d.path(), &[spec("a", "2", 0o400), spec("a", "3", 0o400)]).unwrap_err();
         assert!(err.to_string().contains("creating"), "{err}");
         assert_eq!(read_delivered(d.path(), "a").unwrap(), b"1");
-        let dirs = fs::read_dir(d.path()).unwrap().filter(|e| e.as_ref().unwrap().file_type().unwrap().is_dir()).count();
+        let dirs = fs::read_dir(d.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_dir())
+            .count();
         assert_eq!(dirs, 1, "the half-written payload was removed");
-        assert!(matches!(publish(d.path(), &[spec("../x", "1", 0o400)]), Err(WriteError::BadName(_))));
+        assert!(matches!(
+            publish(d.path(), &[spec("../x", "1", 0o400)]),
+            Err(WriteError::BadName(_))
+        ));
     }
 
     #[test]

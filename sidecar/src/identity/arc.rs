@@ -20,22 +20,37 @@ pub struct ArcHimds {
 
 impl ArcHimds {
     pub fn new(cfg: &Config, env: &Env, clients: &Clients) -> Result<Self, IdentityError> {
-        let endpoint = env
-            .get("IDENTITY_ENDPOINT")
-            .ok_or_else(|| IdentityError::permanent(NAME, "IDENTITY_ENDPOINT is not set (the Arc agent sets it on Arc-enabled servers)"))?;
+        let endpoint = env.get("IDENTITY_ENDPOINT").ok_or_else(|| {
+            IdentityError::permanent(
+                NAME,
+                "IDENTITY_ENDPOINT is not set (the Arc agent sets it on Arc-enabled servers)",
+            )
+        })?;
         if env.get("IMDS_ENDPOINT").is_none() {
             return Err(IdentityError::permanent(NAME, "IMDS_ENDPOINT is not set"));
         }
-        Ok(Self { http: clients.local.clone(), endpoint: endpoint.to_owned(), token_dir: cfg.arc_token_dir.clone() })
+        Ok(Self {
+            http: clients.local.clone(),
+            endpoint: endpoint.to_owned(),
+            token_dir: cfg.arc_token_dir.clone(),
+        })
     }
 
     /// The challenge's key file, if it is a `.key` file of at most 4 KiB directly inside
     /// the agent's token directory (anything else is refused: the path comes from the network).
     fn read_key_file(&self, realm: &str) -> Result<Token, IdentityError> {
         let path = Path::new(realm);
-        let refuse = |why: &str| IdentityError::permanent(NAME, format!("refusing the challenge's key file {realm:?}: {why}"));
+        let refuse = |why: &str| {
+            IdentityError::permanent(
+                NAME,
+                format!("refusing the challenge's key file {realm:?}: {why}"),
+            )
+        };
         if path.parent() != Some(self.token_dir.as_path()) {
-            return Err(refuse(&format!("it is not directly inside {}", self.token_dir.display())));
+            return Err(refuse(&format!(
+                "it is not directly inside {}",
+                self.token_dir.display()
+            )));
         }
         if path.extension().and_then(|e| e.to_str()) != Some("key") {
             return Err(refuse("it is not a .key file"));
@@ -48,7 +63,9 @@ impl ArcHimds {
             return Err(refuse("it is larger than 4096 bytes"));
         }
         let content = std::fs::read_to_string(path).map_err(|e| {
-            refuse(&format!("{e} (reading it needs membership of the himds group)"))
+            refuse(&format!(
+                "{e} (reading it needs membership of the himds group)"
+            ))
         })?;
         Ok(Token::new(content))
     }
@@ -70,13 +87,24 @@ impl TokenSource for ArcHimds {
                 .header("Metadata", "true")
                 .send()
                 .await
-                .map_err(|e| IdentityError::transient(NAME, format!("{}: {}", self.endpoint, without_url(&e))))?;
+                .map_err(|e| {
+                    IdentityError::transient(
+                        NAME,
+                        format!("{}: {}", self.endpoint, without_url(&e)),
+                    )
+                })?;
             if first.status().as_u16() != 401 {
                 let status = first.status();
-                let body = read_body(first).await.map_err(|e| IdentityError::transient(NAME, e.to_string()))?;
+                let body = read_body(first)
+                    .await
+                    .map_err(|e| IdentityError::transient(NAME, e.to_string()))?;
                 return Err(IdentityError::transient(
                     NAME,
-                    format!("{} answered {status} instead of the 401 challenge: {}", self.endpoint, error_text(&body)),
+                    format!(
+                        "{} answered {status} instead of the 401 challenge: {}",
+                        self.endpoint,
+                        error_text(&body)
+                    ),
                 ));
             }
             let header = first
@@ -89,7 +117,9 @@ impl TokenSource for ArcHimds {
                 .into_iter()
                 .find(|c| c.scheme.eq_ignore_ascii_case("basic"))
                 .and_then(|c| c.param("realm").map(str::to_owned))
-                .ok_or_else(|| IdentityError::transient(NAME, "the 401 challenge has no Basic realm"))?;
+                .ok_or_else(|| {
+                    IdentityError::transient(NAME, "the 401 challenge has no Basic realm")
+                })?;
             let key = self.read_key_file(&realm)?;
             let resp = self
                 .http
@@ -99,9 +129,16 @@ impl TokenSource for ArcHimds {
                 .header("Authorization", format!("Basic {}", key.expose()))
                 .send()
                 .await
-                .map_err(|e| IdentityError::transient(NAME, format!("{}: {}", self.endpoint, without_url(&e))))?;
+                .map_err(|e| {
+                    IdentityError::transient(
+                        NAME,
+                        format!("{}: {}", self.endpoint, without_url(&e)),
+                    )
+                })?;
             let status = resp.status();
-            let body = read_body(resp).await.map_err(|e| IdentityError::transient(NAME, e.to_string()))?;
+            let body = read_body(resp)
+                .await
+                .map_err(|e| IdentityError::transient(NAME, e.to_string()))?;
             if status.is_success() {
                 parse_token(NAME, &body)
             } else {
@@ -122,7 +159,11 @@ mod tests {
 
     fn himds(dir: &Path) -> ArcHimds {
         crate::http::install_crypto_provider();
-        ArcHimds { http: reqwest::Client::new(), endpoint: "http://127.0.0.1:1/x".into(), token_dir: dir.to_owned() }
+        ArcHimds {
+            http: reqwest::Client::new(),
+            endpoint: "http://127.0.0.1:1/x".into(),
+            token_dir: dir.to_owned(),
+        }
     }
 
     #[test]
@@ -131,13 +172,22 @@ mod tests {
         let h = himds(d.path());
         let good = d.path().join("abc.key");
         std::fs::write(&good, "secret").unwrap();
-        assert_eq!(h.read_key_file(good.to_str().unwrap()).unwrap().expose(), "secret");
+        assert_eq!(
+            h.read_key_file(good.to_str().unwrap()).unwrap().expose(),
+            "secret"
+        );
         let wrong_ext = d.path().join("abc.txt");
         std::fs::write(&wrong_ext, "x").unwrap();
         assert!(h.read_key_file(wrong_ext.to_str().unwrap()).is_err());
         let big = d.path().join("big.key");
         std::fs::write(&big, vec![b'a'; 4097]).unwrap();
-        assert!(h.read_key_file(big.to_str().unwrap()).err().unwrap().to_string().contains("4096"));
+        assert!(
+            h.read_key_file(big.to_str().unwrap())
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("4096")
+        );
         std::fs::create_dir(d.path().join("sub")).unwrap();
         let nested = d.path().join("sub/n.key");
         std::fs::write(&nested, "x").unwrap();
@@ -147,6 +197,12 @@ mod tests {
         assert!(h.read_key_file("/etc/shadow").is_err());
         let link = d.path().join("link.key");
         std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
-        assert!(h.read_key_file(link.to_str().unwrap()).err().unwrap().to_string().contains("regular file"));
+        assert!(
+            h.read_key_file(link.to_str().unwrap())
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("regular file")
+        );
     }
 }

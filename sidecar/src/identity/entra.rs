@@ -48,7 +48,9 @@ pub async fn client_credentials(
         .body(body.as_bytes().to_vec())
         .send()
         .await
-        .map_err(|e| IdentityError::transient(source, format!("token endpoint {url}: {}", without_url(&e))))?;
+        .map_err(|e| {
+            IdentityError::transient(source, format!("token endpoint {url}: {}", without_url(&e)))
+        })?;
     let status = resp.status();
     let body = read_body(resp)
         .await

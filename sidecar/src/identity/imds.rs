@@ -24,11 +24,18 @@ pub struct Imds {
 impl Imds {
     pub fn new(cfg: &Config, env: &Env, clients: &Clients) -> Result<Self, IdentityError> {
         // The Azure SDKs let tests point IMDS elsewhere with this variable; so do we.
-        let host = env.get("AZURE_POD_IDENTITY_AUTHORITY_HOST").unwrap_or(DEFAULT_HOST).trim_end_matches('/').to_owned();
+        let host = env
+            .get("AZURE_POD_IDENTITY_AUTHORITY_HOST")
+            .unwrap_or(DEFAULT_HOST)
+            .trim_end_matches('/')
+            .to_owned();
         Ok(Self {
             http: clients.local.clone(),
             endpoint: format!("{host}/metadata/identity/oauth2/token"),
-            client_id: cfg.client_id.clone().or_else(|| env.get("AZURE_CLIENT_ID").map(str::to_owned)),
+            client_id: cfg
+                .client_id
+                .clone()
+                .or_else(|| env.get("AZURE_CLIENT_ID").map(str::to_owned)),
             object_id: env.get("AZURE_OBJECT_ID").map(str::to_owned),
             msi_res_id: env.get("AZURE_MSI_RESOURCE_ID").map(str::to_owned),
             first_backoff: Duration::from_secs(1),
@@ -61,20 +68,32 @@ impl TokenSource for Imds {
             let mut delay = self.first_backoff;
             let mut last = String::new();
             for attempt in 1..=ATTEMPTS {
-                let sent = self.http.get(&self.endpoint).query(&query).header("Metadata", "true").send().await;
+                let sent = self
+                    .http
+                    .get(&self.endpoint)
+                    .query(&query)
+                    .header("Metadata", "true")
+                    .send()
+                    .await;
                 match sent {
                     Ok(resp) => {
                         let status = resp.status();
-                        let body = read_body(resp).await.map_err(|e| IdentityError::transient(NAME, e.to_string()))?;
+                        let body = read_body(resp)
+                            .await
+                            .map_err(|e| IdentityError::transient(NAME, e.to_string()))?;
                         if status.is_success() {
                             return parse_token(NAME, &body);
                         }
-                        last = format!("{} answered {status}: {}", self.endpoint, error_text(&body));
-                        let retry = matches!(status.as_u16(), 404 | 410 | 429) || status.is_server_error();
+                        last =
+                            format!("{} answered {status}: {}", self.endpoint, error_text(&body));
+                        let retry =
+                            matches!(status.as_u16(), 404 | 410 | 429) || status.is_server_error();
                         if !retry {
                             return Err(IdentityError::permanent(
                                 NAME,
-                                format!("{last} (is a managed identity assigned to this node, and is client_id right?)"),
+                                format!(
+                                    "{last} (is a managed identity assigned to this node, and is client_id right?)"
+                                ),
                             ));
                         }
                     }
@@ -85,7 +104,10 @@ impl TokenSource for Imds {
                     delay = (delay * 2).min(Duration::from_secs(30));
                 }
             }
-            Err(IdentityError::transient(NAME, format!("{last} (after {ATTEMPTS} attempts)")))
+            Err(IdentityError::transient(
+                NAME,
+                format!("{last} (after {ATTEMPTS} attempts)"),
+            ))
         })
     }
 }

@@ -33,14 +33,23 @@ pub struct IdentityError {
 
 impl IdentityError {
     pub fn permanent(source_name: &'static str, message: impl Into<String>) -> Self {
-        Self { source_name, message: message.into(), transient: false }
+        Self {
+            source_name,
+            message: message.into(),
+            transient: false,
+        }
     }
     pub fn transient(source_name: &'static str, message: impl Into<String>) -> Self {
-        Self { source_name, message: message.into(), transient: true }
+        Self {
+            source_name,
+            message: message.into(),
+            transient: true,
+        }
     }
 }
 
-pub type TokenFuture<'a> = Pin<Box<dyn Future<Output = Result<AccessToken, IdentityError>> + Send + 'a>>;
+pub type TokenFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<AccessToken, IdentityError>> + Send + 'a>>;
 
 /// One way of getting tokens.
 pub trait TokenSource: Send + Sync {
@@ -59,25 +68,41 @@ pub struct Env {
 
 impl Env {
     pub fn from_process() -> Self {
-        Self { vars: std::env::vars().collect() }
+        Self {
+            vars: std::env::vars().collect(),
+        }
     }
 
     pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
-        Self { vars: pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect() }
+        Self {
+            vars: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
     }
 
     pub fn get(&self, k: &str) -> Option<&str> {
-        self.vars.get(k).map(String::as_str).filter(|v| !v.is_empty())
+        self.vars
+            .get(k)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 }
 
 /// Picks the token source: the configured one, or with `auto` the first that applies in
 /// the Azure SDKs' order (service principal from the environment, workload identity, Arc,
 /// IMDS). Everything it needs is checked here, before any request.
-pub fn select(cfg: &Config, env: &Env, clients: &Clients) -> Result<Box<dyn TokenSource>, IdentityError> {
+pub fn select(
+    cfg: &Config,
+    env: &Env,
+    clients: &Clients,
+) -> Result<Box<dyn TokenSource>, IdentityError> {
     let choice = match cfg.identity {
         IdentityChoice::Auto => {
-            if env.get("AZURE_CLIENT_SECRET").is_some() || env.get("AZURE_CLIENT_CERTIFICATE_PATH").is_some() {
+            if env.get("AZURE_CLIENT_SECRET").is_some()
+                || env.get("AZURE_CLIENT_CERTIFICATE_PATH").is_some()
+            {
                 IdentityChoice::ServicePrincipal
             } else if env.get("AZURE_FEDERATED_TOKEN_FILE").is_some() {
                 IdentityChoice::WorkloadIdentity
@@ -91,20 +116,31 @@ pub fn select(cfg: &Config, env: &Env, clients: &Clients) -> Result<Box<dyn Toke
     };
     let authority = authority_host(cfg, env)?;
     Ok(match choice {
-        IdentityChoice::WorkloadIdentity => Box::new(workload::WorkloadIdentity::new(cfg, env, clients, authority)?),
-        IdentityChoice::ServicePrincipal => {
-            Box::new(service_principal::ServicePrincipal::new(cfg, env, clients, authority)?)
-        }
+        IdentityChoice::WorkloadIdentity => Box::new(workload::WorkloadIdentity::new(
+            cfg, env, clients, authority,
+        )?),
+        IdentityChoice::ServicePrincipal => Box::new(service_principal::ServicePrincipal::new(
+            cfg, env, clients, authority,
+        )?),
         IdentityChoice::Arc => Box::new(arc::ArcHimds::new(cfg, env, clients)?),
-        IdentityChoice::Imds | IdentityChoice::Auto => Box::new(imds::Imds::new(cfg, env, clients)?),
+        IdentityChoice::Imds | IdentityChoice::Auto => {
+            Box::new(imds::Imds::new(cfg, env, clients)?)
+        }
     })
 }
 
 /// `AZURE_AUTHORITY_HOST`, or the cloud's; https only, as the SDKs insist.
 fn authority_host(cfg: &Config, env: &Env) -> Result<String, IdentityError> {
-    let a = env.get("AZURE_AUTHORITY_HOST").unwrap_or(&cfg.cloud.authority_host).trim_end_matches('/').to_owned();
+    let a = env
+        .get("AZURE_AUTHORITY_HOST")
+        .unwrap_or(&cfg.cloud.authority_host)
+        .trim_end_matches('/')
+        .to_owned();
     if !a.starts_with("https://") {
-        return Err(IdentityError::permanent("identity", format!("authority host {a:?} must use https")));
+        return Err(IdentityError::permanent(
+            "identity",
+            format!("authority host {a:?} must use https"),
+        ));
     }
     Ok(a)
 }
@@ -129,7 +165,11 @@ pub struct TokenCache {
 
 impl TokenCache {
     pub fn new(source: Box<dyn TokenSource>) -> Self {
-        Self { source, cached: tokio::sync::Mutex::new(HashMap::new()), refreshes: Default::default() }
+        Self {
+            source,
+            cached: tokio::sync::Mutex::new(HashMap::new()),
+            refreshes: Default::default(),
+        }
     }
 
     pub fn source_name(&self) -> &'static str {
@@ -153,12 +193,19 @@ impl TokenCache {
             }
         }
         let result = self.source.fetch(scope, tenant).await;
-        self.refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.refreshes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match result {
             Ok(token) => {
                 let t = token.token.duplicate();
                 tracing::debug!(source = self.source.name(), scope, valid_for = ?token.expires_at.saturating_duration_since(now), "got a token");
-                cache.insert(scope.to_owned(), Cached { token, last_attempt: now });
+                cache.insert(
+                    scope.to_owned(),
+                    Cached {
+                        token,
+                        last_attempt: now,
+                    },
+                );
                 Ok(t)
             }
             Err(e) => match cache.get_mut(scope) {
@@ -194,18 +241,20 @@ pub(crate) fn parse_token(source: &'static str, body: &[u8]) -> Result<AccessTok
         access_token: Option<String>,
         expires_in: Option<serde_json::Value>,
     }
-    let r: Resp = serde_json::from_slice(body)
-        .map_err(|e| IdentityError::transient(source, format!("token response is not valid JSON: {e}")))?;
+    let r: Resp = serde_json::from_slice(body).map_err(|e| {
+        IdentityError::transient(source, format!("token response is not valid JSON: {e}"))
+    })?;
     let token = r
         .access_token
         .filter(|t| !t.is_empty())
         .ok_or_else(|| IdentityError::transient(source, "token response has no access_token"))?;
-    let secs = r
-        .expires_in
-        .as_ref()
-        .and_then(expires_in)
-        .ok_or_else(|| IdentityError::transient(source, "token response has no valid expires_in"))?;
-    Ok(AccessToken { token: Token::new(token), expires_at: Instant::now() + Duration::from_secs(secs) })
+    let secs = r.expires_in.as_ref().and_then(expires_in).ok_or_else(|| {
+        IdentityError::transient(source, "token response has no valid expires_in")
+    })?;
+    Ok(AccessToken {
+        token: Token::new(token),
+        expires_at: Instant::now() + Duration::from_secs(secs),
+    })
 }
 
 /// Entra ID / IMDS error bodies: `{"error": "...", "error_description": "..."}`.
@@ -225,7 +274,9 @@ pub(crate) fn error_text(body: &[u8]) -> String {
             };
             let desc = e.error_description.or(e.message).unwrap_or_default();
             let desc = desc.lines().next().unwrap_or_default().to_owned();
-            format!("{code}: {desc}").trim_matches([':', ' ']).to_owned()
+            format!("{code}: {desc}")
+                .trim_matches([':', ' '])
+                .to_owned()
         }
         Err(_) => String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
     }
@@ -237,9 +288,17 @@ mod tests {
 
     #[test]
     fn parses_both_expires_in_forms() {
-        let a = parse_token("t", br#"{"access_token":"x","expires_in":3599,"token_type":"Bearer"}"#).unwrap();
+        let a = parse_token(
+            "t",
+            br#"{"access_token":"x","expires_in":3599,"token_type":"Bearer"}"#,
+        )
+        .unwrap();
         assert!(a.expires_at > Instant::now() + Duration::from_secs(3500));
-        let b = parse_token("t", br#"{"access_token":"x","expires_in":"3599","resource":"r"}"#).unwrap();
+        let b = parse_token(
+            "t",
+            br#"{"access_token":"x","expires_in":"3599","resource":"r"}"#,
+        )
+        .unwrap();
         assert!(b.expires_at > Instant::now() + Duration::from_secs(3500));
         assert!(parse_token("t", br#"{"expires_in":1}"#).is_err());
         assert!(parse_token("t", b"not json").is_err());
@@ -249,7 +308,10 @@ mod tests {
     #[test]
     fn error_text_from_aadsts() {
         let t = error_text(br#"{"error":"invalid_client","error_description":"AADSTS70021: No matching federated identity record found.\r\nTrace ID: x"}"#);
-        assert_eq!(t, "invalid_client: AADSTS70021: No matching federated identity record found.");
+        assert_eq!(
+            t,
+            "invalid_client: AADSTS70021: No matching federated identity record found."
+        );
     }
 
     struct Counting(std::sync::atomic::AtomicU32, u64);
@@ -263,7 +325,10 @@ mod tests {
                 if n >= 1 && self.1 == 0 {
                     return Err(IdentityError::transient("counting", "down"));
                 }
-                Ok(AccessToken { token: Token::new(format!("t{n}")), expires_at: Instant::now() + Duration::from_secs(self.1.max(1)) })
+                Ok(AccessToken {
+                    token: Token::new(format!("t{n}")),
+                    expires_at: Instant::now() + Duration::from_secs(self.1.max(1)),
+                })
             })
         }
     }
@@ -272,8 +337,16 @@ mod tests {
     async fn cache_reuses_and_refreshes() {
         let c = TokenCache::new(Box::new(Counting(Default::default(), 3600)));
         assert_eq!(c.get("s", None).await.unwrap().expose(), "t0");
-        assert_eq!(c.get("s", None).await.unwrap().expose(), "t0", "fresh token reused");
-        assert_eq!(c.get("other", None).await.unwrap().expose(), "t1", "per scope");
+        assert_eq!(
+            c.get("s", None).await.unwrap().expose(),
+            "t0",
+            "fresh token reused"
+        );
+        assert_eq!(
+            c.get("other", None).await.unwrap().expose(),
+            "t1",
+            "per scope"
+        );
         // A token inside the refresh margin is replaced.
         let short = TokenCache::new(Box::new(Counting(Default::default(), 60)));
         assert_eq!(short.get("s", None).await.unwrap().expose(), "t0");

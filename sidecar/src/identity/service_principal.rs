@@ -32,18 +32,30 @@ pub struct ServicePrincipal {
 }
 
 impl ServicePrincipal {
-    pub fn new(cfg: &Config, env: &Env, clients: &Clients, authority: String) -> Result<Self, IdentityError> {
+    pub fn new(
+        cfg: &Config,
+        env: &Env,
+        clients: &Clients,
+        authority: String,
+    ) -> Result<Self, IdentityError> {
         let client_id = cfg
             .client_id
             .clone()
             .or_else(|| env.get("AZURE_CLIENT_ID").map(str::to_owned))
-            .ok_or_else(|| IdentityError::permanent(NAME, "AZURE_CLIENT_ID (or clientID) is not set"))?;
+            .ok_or_else(|| {
+                IdentityError::permanent(NAME, "AZURE_CLIENT_ID (or clientID) is not set")
+            })?;
         let tenant = cfg
             .tenant_id
             .clone()
             .or_else(|| env.get("AZURE_TENANT_ID").map(str::to_owned))
-            .ok_or_else(|| IdentityError::permanent(NAME, "AZURE_TENANT_ID (or tenantId) is not set"))?;
-        let proof = match (env.get("AZURE_CLIENT_SECRET"), env.get("AZURE_CLIENT_CERTIFICATE_PATH")) {
+            .ok_or_else(|| {
+                IdentityError::permanent(NAME, "AZURE_TENANT_ID (or tenantId) is not set")
+            })?;
+        let proof = match (
+            env.get("AZURE_CLIENT_SECRET"),
+            env.get("AZURE_CLIENT_CERTIFICATE_PATH"),
+        ) {
             (Some(s), _) => Proof::Secret(Token::new(s.to_owned())),
             (None, Some(p)) => {
                 let p = PathBuf::from(p);
@@ -58,12 +70,21 @@ impl ServicePrincipal {
                 ));
             }
         };
-        Ok(Self { http: clients.external.clone(), authority, tenant, client_id, proof })
+        Ok(Self {
+            http: clients.external.clone(),
+            authority,
+            tenant,
+            client_id,
+            proof,
+        })
     }
 
     fn assertion(&self, path: &std::path::Path) -> Result<Token, IdentityError> {
         let (key, thumbprint) = load_certificate(path)?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let mut jti = [0u8; 16];
         let _ = getrandom::fill(&mut jti);
         let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5t#S256": thumbprint});
@@ -82,7 +103,10 @@ impl ServicePrincipal {
             URL_SAFE_NO_PAD.encode(claims.to_string())
         );
         let sig = key.sign(signing_input.as_bytes()).to_vec();
-        Ok(Token::new(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig))))
+        Ok(Token::new(format!(
+            "{signing_input}.{}",
+            URL_SAFE_NO_PAD.encode(sig)
+        )))
     }
 }
 
@@ -91,7 +115,12 @@ fn load_certificate(path: &std::path::Path) -> Result<(SigningKey<Sha256>, Strin
     use rsa::pkcs1::DecodeRsaPrivateKey;
     use rsa::pkcs8::DecodePrivateKey;
     use rustls_pki_types::pem::{PemObject, SectionKind};
-    let fail = |why: String| IdentityError::permanent(NAME, format!("client certificate {}: {why}", path.display()));
+    let fail = |why: String| {
+        IdentityError::permanent(
+            NAME,
+            format!("client certificate {}: {why}", path.display()),
+        )
+    };
     let pem = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| fail(e.to_string()))?);
     let mut key = None;
     let mut cert = None;
@@ -106,7 +135,10 @@ fn load_certificate(path: &std::path::Path) -> Result<(SigningKey<Sha256>, Strin
     }
     let key = key.ok_or_else(|| fail("no RSA private key in it (PKCS#8 or PKCS#1 PEM)".into()))?;
     let cert = cert.ok_or_else(|| fail("no certificate in it".into()))?;
-    Ok((SigningKey::<Sha256>::new(key), URL_SAFE_NO_PAD.encode(Sha256::digest(&cert))))
+    Ok((
+        SigningKey::<Sha256>::new(key),
+        URL_SAFE_NO_PAD.encode(Sha256::digest(&cert)),
+    ))
 }
 
 impl TokenSource for ServicePrincipal {
@@ -120,7 +152,16 @@ impl TokenSource for ServicePrincipal {
                 Proof::Secret(s) => Credential::Secret(s.duplicate()),
                 Proof::Certificate(p) => Credential::Assertion(self.assertion(p)?),
             };
-            client_credentials(&self.http, NAME, &self.authority, &self.tenant, &self.client_id, scope, credential).await
+            client_credentials(
+                &self.http,
+                NAME,
+                &self.authority,
+                &self.tenant,
+                &self.client_id,
+                scope,
+                credential,
+            )
+            .await
         })
     }
 }

@@ -20,7 +20,12 @@ pub struct WorkloadIdentity {
 }
 
 impl WorkloadIdentity {
-    pub fn new(cfg: &Config, env: &Env, clients: &Clients, authority: String) -> Result<Self, IdentityError> {
+    pub fn new(
+        cfg: &Config,
+        env: &Env,
+        clients: &Clients,
+        authority: String,
+    ) -> Result<Self, IdentityError> {
         let missing = |v: &str| {
             IdentityError::permanent(
                 NAME,
@@ -40,8 +45,17 @@ impl WorkloadIdentity {
             .clone()
             .or_else(|| env.get("AZURE_TENANT_ID").map(str::to_owned))
             .ok_or_else(|| missing("AZURE_TENANT_ID"))?;
-        let token_file = env.get("AZURE_FEDERATED_TOKEN_FILE").map(PathBuf::from).ok_or_else(|| missing("AZURE_FEDERATED_TOKEN_FILE"))?;
-        Ok(Self { http: clients.external.clone(), authority, tenant, client_id, token_file })
+        let token_file = env
+            .get("AZURE_FEDERATED_TOKEN_FILE")
+            .map(PathBuf::from)
+            .ok_or_else(|| missing("AZURE_FEDERATED_TOKEN_FILE"))?;
+        Ok(Self {
+            http: clients.external.clone(),
+            authority,
+            tenant,
+            client_id,
+            token_file,
+        })
     }
 }
 
@@ -52,14 +66,37 @@ impl TokenSource for WorkloadIdentity {
 
     fn fetch<'a>(&'a self, scope: &'a str, _tenant: Option<&'a str>) -> TokenFuture<'a> {
         Box::pin(async move {
-            let assertion = tokio::fs::read_to_string(&self.token_file).await.map_err(|e| {
-                IdentityError::transient(NAME, format!("reading the federated token file {}: {e}", self.token_file.display()))
-            })?;
+            let assertion = tokio::fs::read_to_string(&self.token_file)
+                .await
+                .map_err(|e| {
+                    IdentityError::transient(
+                        NAME,
+                        format!(
+                            "reading the federated token file {}: {e}",
+                            self.token_file.display()
+                        ),
+                    )
+                })?;
             let assertion = Token::new(assertion.trim().to_owned());
             if assertion.expose().is_empty() {
-                return Err(IdentityError::transient(NAME, format!("the federated token file {} is empty", self.token_file.display())));
+                return Err(IdentityError::transient(
+                    NAME,
+                    format!(
+                        "the federated token file {} is empty",
+                        self.token_file.display()
+                    ),
+                ));
             }
-            client_credentials(&self.http, NAME, &self.authority, &self.tenant, &self.client_id, scope, Credential::Assertion(assertion)).await
+            client_credentials(
+                &self.http,
+                NAME,
+                &self.authority,
+                &self.tenant,
+                &self.client_id,
+                scope,
+                Credential::Assertion(assertion),
+            )
+            .await
         })
     }
 }

@@ -13,7 +13,10 @@ pub struct Challenge {
 
 impl Challenge {
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -24,7 +27,9 @@ pub fn parse(header: &str) -> Vec<Challenge> {
     let mut rest = header.trim();
     while !rest.is_empty() {
         // A token followed by space or '=' decides between a new scheme and a parameter.
-        let tok_end = rest.find(|c: char| c == ' ' || c == '=' || c == ',').unwrap_or(rest.len());
+        let tok_end = rest
+            .find(|c: char| c == ' ' || c == '=' || c == ',')
+            .unwrap_or(rest.len());
         let token = &rest[..tok_end];
         let after = rest[tok_end..].trim_start();
         if token.is_empty() {
@@ -53,7 +58,10 @@ pub fn parse(header: &str) -> Vec<Challenge> {
             rest = remaining.trim_start();
             rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
         } else {
-            out.push(Challenge { scheme: token.to_owned(), params: Vec::new() });
+            out.push(Challenge {
+                scheme: token.to_owned(),
+                params: Vec::new(),
+            });
             rest = after.strip_prefix(',').unwrap_or(after).trim_start();
         }
     }
@@ -104,7 +112,11 @@ pub enum ChallengeError {
 /// Reads Key Vault's challenge and, if `verify`, checks that the resource it asks a token
 /// for belongs to the vault's own domain (as the Azure SDKs do), so a spoofed vault URL
 /// cannot collect tokens for another service.
-pub fn bearer(header: &str, vault_host: &str, verify: bool) -> Result<BearerChallenge, ChallengeError> {
+pub fn bearer(
+    header: &str,
+    vault_host: &str,
+    verify: bool,
+) -> Result<BearerChallenge, ChallengeError> {
     let all = parse(header);
     let c = all
         .iter()
@@ -124,16 +136,26 @@ pub fn bearer(header: &str, vault_host: &str, verify: bool) -> Result<BearerChal
         let v = vault_host.to_ascii_lowercase();
         let r = resource_host.to_ascii_lowercase();
         if !v.ends_with(&format!(".{r}")) {
-            return Err(ChallengeError::ResourceMismatch { vault: vault_host.to_owned(), resource: resource_host });
+            return Err(ChallengeError::ResourceMismatch {
+                vault: vault_host.to_owned(),
+                resource: resource_host,
+            });
         }
     }
     let tenant = c
         .param("authorization")
         .or_else(|| c.param("authorization_uri"))
         .and_then(|a| Url::parse(a).ok())
-        .and_then(|u| u.path_segments().and_then(|mut s| s.next().map(str::to_owned)))
+        .and_then(|u| {
+            u.path_segments()
+                .and_then(|mut s| s.next().map(str::to_owned))
+        })
         .filter(|t| !t.is_empty());
-    Ok(BearerChallenge { scope, tenant, resource_host })
+    Ok(BearerChallenge {
+        scope,
+        tenant,
+        resource_host,
+    })
 }
 
 #[cfg(test)]
@@ -145,35 +167,68 @@ mod tests {
         let h = r#"Bearer authorization="https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47", resource="https://vault.azure.net""#;
         let c = bearer(h, "myvault.vault.azure.net", true).unwrap();
         assert_eq!(c.scope, "https://vault.azure.net/.default");
-        assert_eq!(c.tenant.as_deref(), Some("72f988bf-86f1-41af-91ab-2d7cd011db47"));
+        assert_eq!(
+            c.tenant.as_deref(),
+            Some("72f988bf-86f1-41af-91ab-2d7cd011db47")
+        );
         // China and US Government are taken from the challenge, not hard-coded.
         let cn = r#"Bearer authorization="https://login.chinacloudapi.cn/t1", resource="https://vault.azure.cn""#;
-        assert_eq!(bearer(cn, "kv.vault.azure.cn", true).unwrap().scope, "https://vault.azure.cn/.default");
+        assert_eq!(
+            bearer(cn, "kv.vault.azure.cn", true).unwrap().scope,
+            "https://vault.azure.cn/.default"
+        );
         let scoped = r#"Bearer authorization="https://login.microsoftonline.us/t2", scope="https://vault.usgovcloudapi.net/.default""#;
         let c = bearer(scoped, "kv.vault.usgovcloudapi.net", true).unwrap();
-        assert_eq!((c.scope.as_str(), c.tenant.as_deref()), ("https://vault.usgovcloudapi.net/.default", Some("t2")));
+        assert_eq!(
+            (c.scope.as_str(), c.tenant.as_deref()),
+            ("https://vault.usgovcloudapi.net/.default", Some("t2"))
+        );
     }
 
     #[test]
     fn resource_verification() {
         let h = r#"Bearer authorization="https://login.microsoftonline.com/t", resource="https://vault.azure.net""#;
-        assert!(matches!(bearer(h, "evil.example.com", true), Err(ChallengeError::ResourceMismatch { .. })));
-        assert!(matches!(bearer(h, "vault.azure.net", true), Err(ChallengeError::ResourceMismatch { .. })));
+        assert!(matches!(
+            bearer(h, "evil.example.com", true),
+            Err(ChallengeError::ResourceMismatch { .. })
+        ));
+        assert!(matches!(
+            bearer(h, "vault.azure.net", true),
+            Err(ChallengeError::ResourceMismatch { .. })
+        ));
         assert!(bearer(h, "evil.example.com", false).is_ok());
-        assert!(matches!(bearer("Basic realm=\"x\"", "kv", true), Err(ChallengeError::NoBearer(_))));
-        assert_eq!(bearer("Bearer authorization=\"https://l/t\"", "kv", false), Err(ChallengeError::NoScope));
+        assert!(matches!(
+            bearer("Basic realm=\"x\"", "kv", true),
+            Err(ChallengeError::NoBearer(_))
+        ));
+        assert_eq!(
+            bearer("Bearer authorization=\"https://l/t\"", "kv", false),
+            Err(ChallengeError::NoScope)
+        );
     }
 
     #[test]
     fn arc_basic_realm_and_odd_input() {
         let c = parse("Basic realm=/var/opt/azcmagent/tokens/abc.key");
         assert_eq!(c[0].scheme, "Basic");
-        assert_eq!(c[0].param("realm"), Some("/var/opt/azcmagent/tokens/abc.key"));
+        assert_eq!(
+            c[0].param("realm"),
+            Some("/var/opt/azcmagent/tokens/abc.key")
+        );
         let q = parse(r#"Bearer a="x\"y", b=z, Basic realm="r""#);
         assert_eq!(q[0].param("a"), Some("x\"y"));
         assert_eq!(q[0].param("b"), Some("z"));
         assert_eq!(q[1].param("realm"), Some("r"));
-        for junk in ["", "=", "\"", "Bearer a=\"unterminated", ",,,", "a=b", "Bearer ,=,", "Bearer a = "] {
+        for junk in [
+            "",
+            "=",
+            "\"",
+            "Bearer a=\"unterminated",
+            ",,,",
+            "a=b",
+            "Bearer ,=,",
+            "Bearer a = ",
+        ] {
             let _ = parse(junk);
         }
     }

@@ -30,7 +30,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { min_delay: Duration::from_millis(500), max_delay: Duration::from_secs(30), max_times: 4 }
+        Self {
+            min_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+            max_times: 4,
+        }
     }
 }
 
@@ -55,7 +59,16 @@ impl KeyVault {
         policy: RetryPolicy,
     ) -> Self {
         let host = vault.host_str().unwrap_or_default().to_owned();
-        Self { http, vault, host, api_version, tokens, verify_resource, auth: Default::default(), policy }
+        Self {
+            http,
+            vault,
+            host,
+            api_version,
+            tokens,
+            verify_resource,
+            auth: Default::default(),
+            policy,
+        }
     }
 
     pub fn vault(&self) -> &Url {
@@ -63,7 +76,11 @@ impl KeyVault {
     }
 
     /// `GET /secrets/{name}[/{version}]`.
-    pub async fn get_secret(&self, name: &str, version: Option<&str>) -> Result<SecretBundle, KvError> {
+    pub async fn get_secret(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<SecretBundle, KvError> {
         let path = match version {
             Some(v) => format!("secrets/{name}/{v}"),
             None => format!("secrets/{name}"),
@@ -76,14 +93,29 @@ impl KeyVault {
             id: Option<String>,
             content_type: Option<String>,
         }
-        let b: Bundle = serde_json::from_slice(&body).map_err(|e| malformed(name, &e.to_string()))?;
-        let value = b.value.ok_or_else(|| malformed(name, "no value in the response"))?;
-        let version = b.id.as_deref().and_then(|id| id.rsplit('/').next()).unwrap_or_default().to_owned();
-        Ok(SecretBundle { value: SecretBytes::new(value.into_bytes()), version, content_type: b.content_type })
+        let b: Bundle =
+            serde_json::from_slice(&body).map_err(|e| malformed(name, &e.to_string()))?;
+        let value = b
+            .value
+            .ok_or_else(|| malformed(name, "no value in the response"))?;
+        let version =
+            b.id.as_deref()
+                .and_then(|id| id.rsplit('/').next())
+                .unwrap_or_default()
+                .to_owned();
+        Ok(SecretBundle {
+            value: SecretBytes::new(value.into_bytes()),
+            version,
+            content_type: b.content_type,
+        })
     }
 
     /// `GET /certificates/{name}[/{version}]`: the public certificate (DER).
-    pub async fn get_certificate(&self, name: &str, version: Option<&str>) -> Result<(Vec<u8>, String), KvError> {
+    pub async fn get_certificate(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<(Vec<u8>, String), KvError> {
         let path = match version {
             Some(v) => format!("certificates/{name}/{v}"),
             None => format!("certificates/{name}"),
@@ -100,11 +132,19 @@ impl KeyVault {
             .as_deref()
             .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
             .ok_or_else(|| malformed(name, "no valid cer in the response"))?;
-        let version = c.id.as_deref().and_then(|id| id.rsplit('/').next()).unwrap_or_default().to_owned();
+        let version =
+            c.id.as_deref()
+                .and_then(|id| id.rsplit('/').next())
+                .unwrap_or_default()
+                .to_owned();
         Ok((der, version))
     }
 
-    async fn get_with_retries(&self, path: &str, object: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, KvError> {
+    async fn get_with_retries(
+        &self,
+        path: &str,
+        object: &str,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KvError> {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.policy.min_delay)
             .with_max_delay(self.policy.max_delay)
@@ -128,11 +168,16 @@ impl KeyVault {
             transient: false,
             retry_after: None,
         })?;
-        u.query_pairs_mut().append_pair("api-version", &self.api_version);
+        u.query_pairs_mut()
+            .append_pair("api-version", &self.api_version);
         Ok(u)
     }
 
-    async fn get_once(&self, path: &str, object: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, KvError> {
+    async fn get_once(
+        &self,
+        path: &str,
+        object: &str,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KvError> {
         let url = self.url(path)?;
         let known = self.auth.read().await.clone();
         let challenge = match known {
@@ -143,7 +188,10 @@ impl KeyVault {
             .tokens
             .get(&challenge.scope, challenge.tenant.as_deref())
             .await
-            .map_err(|source| KvError::Identity { object: object.to_owned(), source })?;
+            .map_err(|source| KvError::Identity {
+                object: object.to_owned(),
+                source,
+            })?;
         let resp = self
             .http
             .get(url.clone())
@@ -157,9 +205,17 @@ impl KeyVault {
             // The vault moved tenants or wants another scope: learn the new challenge and
             // start over with a fresh token (the retry does that).
             self.tokens.invalidate(&challenge.scope).await;
-            if let Some(h) = headers.get("www-authenticate").and_then(|v| v.to_str().ok()) {
-                let c = challenge::bearer(h, &self.host, self.verify_resource)
-                    .map_err(|source| KvError::Challenge { object: object.to_owned(), source })?;
+            if let Some(h) = headers
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok())
+            {
+                let c =
+                    challenge::bearer(h, &self.host, self.verify_resource).map_err(|source| {
+                        KvError::Challenge {
+                            object: object.to_owned(),
+                            source,
+                        }
+                    })?;
                 *self.auth.write().await = Some(c);
             }
         }
@@ -192,13 +248,27 @@ impl KeyVault {
     /// An unauthenticated request, answered with the 401 challenge that says which
     /// tenant and scope the vault wants.
     async fn discover(&self, url: &Url, object: &str) -> Result<BearerChallenge, KvError> {
-        let resp = self.http.get(url.clone()).send().await.map_err(|e| transport(object, &self.host, &e))?;
+        let resp = self
+            .http
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| transport(object, &self.host, &e))?;
         let status = resp.status().as_u16();
-        let header = resp.headers().get("www-authenticate").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let header = resp
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         match (status, header) {
             (401, Some(h)) => {
-                let c = challenge::bearer(&h, &self.host, self.verify_resource)
-                    .map_err(|source| KvError::Challenge { object: object.to_owned(), source })?;
+                let c =
+                    challenge::bearer(&h, &self.host, self.verify_resource).map_err(|source| {
+                        KvError::Challenge {
+                            object: object.to_owned(),
+                            source,
+                        }
+                    })?;
                 tracing::info!(vault = %self.host, scope = %c.scope, tenant = c.tenant.as_deref().unwrap_or(""), "vault authentication challenge");
                 *self.auth.write().await = Some(c.clone());
                 Ok(c)

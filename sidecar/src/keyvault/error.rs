@@ -50,10 +50,19 @@ impl KvError {
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            KvError::Service { status: Some(429), .. } => "throttled",
-            KvError::Service { status: Some(404), .. } => "not_found",
-            KvError::Service { status: Some(401 | 403), .. } => "denied",
-            KvError::Service { transient: true, .. } => "unavailable",
+            KvError::Service {
+                status: Some(429), ..
+            } => "throttled",
+            KvError::Service {
+                status: Some(404), ..
+            } => "not_found",
+            KvError::Service {
+                status: Some(401 | 403),
+                ..
+            } => "denied",
+            KvError::Service {
+                transient: true, ..
+            } => "unavailable",
             KvError::Service { .. } => "error",
             KvError::Identity { .. } => "identity",
             KvError::Challenge { .. } => "challenge",
@@ -75,13 +84,25 @@ pub fn describe(status: u16, body: &[u8]) -> (Option<String>, String) {
     }
     let parsed = serde_json::from_slice::<Outer>(body).ok();
     let code = parsed.as_ref().and_then(|o| o.error.code.clone());
-    let inner = parsed.as_ref().and_then(|o| o.error.innererror.as_ref()).and_then(|i| i.code.clone());
-    let message = parsed.as_ref().and_then(|o| o.error.message.clone()).unwrap_or_else(|| {
-        if body.is_empty() { "(empty body)".into() } else { "(no error details)".into() }
-    });
+    let inner = parsed
+        .as_ref()
+        .and_then(|o| o.error.innererror.as_ref())
+        .and_then(|i| i.code.clone());
+    let message = parsed
+        .as_ref()
+        .and_then(|o| o.error.message.clone())
+        .unwrap_or_else(|| {
+            if body.is_empty() {
+                "(empty body)".into()
+            } else {
+                "(no error details)".into()
+            }
+        });
     let hint = match status {
         401 => " (the token was rejected: check the identity's tenant)",
-        403 => " (grant the identity the \"Key Vault Secrets User\" role on the vault, or an access policy with get on secrets)",
+        403 => {
+            " (grant the identity the \"Key Vault Secrets User\" role on the vault, or an access policy with get on secrets)"
+        }
         404 => " (check the object name and version, and that it is not deleted)",
         429 => " (Key Vault is throttling: backing off)",
         _ => "",
@@ -96,7 +117,12 @@ pub fn describe(status: u16, body: &[u8]) -> (Option<String>, String) {
 
 /// `x-ms-retry-after-ms`, `retry-after-ms` or `Retry-After` (seconds), capped.
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse::<u64>().ok());
+    let get = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
     let d = get("x-ms-retry-after-ms")
         .or_else(|| get("retry-after-ms"))
         .map(Duration::from_millis)
@@ -112,7 +138,11 @@ mod tests {
     fn describes_key_vault_errors() {
         let (code, msg) = describe(404, br#"{"error":{"code":"SecretNotFound","message":"A secret with (name/id) x was not found in this key vault."}}"#);
         assert_eq!(code.as_deref(), Some("SecretNotFound"));
-        assert!(msg.contains("SecretNotFound") && msg.contains("not found") && msg.contains("name and version"));
+        assert!(
+            msg.contains("SecretNotFound")
+                && msg.contains("not found")
+                && msg.contains("name and version")
+        );
         let (_, msg) = describe(403, br#"{"error":{"code":"Forbidden","message":"Caller is not authorized.","innererror":{"code":"ForbiddenByRbac"}}}"#);
         assert!(msg.contains("Forbidden/ForbiddenByRbac") && msg.contains("Secrets User"));
         assert!(describe(500, b"").1.contains("empty body"));
