@@ -69,6 +69,9 @@ pub struct Cli {
     /// Command to run when the secrets change (split on spaces).
     #[arg(long, env = "SIDECAR_NOTIFY_COMMAND", value_name = "COMMAND")]
     pub notify_command: Option<String>,
+    /// Time limit of one HTTP request to Entra ID, IMDS or Key Vault [default: 30s].
+    #[arg(long, env = "SIDECAR_REQUEST_TIMEOUT", value_name = "DURATION")]
+    pub request_timeout: Option<String>,
     /// Listener for /healthz, /readyz and /metrics [default: 127.0.0.1:8096]; "off" disables it.
     #[arg(long, env = "SIDECAR_HTTP_ADDR", value_name = "HOST:PORT")]
     pub http_addr: Option<String>,
@@ -107,6 +110,7 @@ impl Cli {
             once: self.once,
             allow_disk_output: self.dangerously_allow_disk_output,
             arc_token_dir: self.arc_token_dir.clone(),
+            request_timeout: self.request_timeout.clone(),
         }
     }
 }

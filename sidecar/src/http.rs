@@ -43,7 +43,7 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-pub fn build(ca_file: Option<&Path>) -> Result<Clients, HttpError> {
+pub fn build(ca_file: Option<&Path>, timeout: Duration) -> Result<Clients, HttpError> {
     install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
@@ -89,8 +89,8 @@ pub fn build(ca_file: Option<&Path>) -> Result<Clients, HttpError> {
         .use_preconfigured_tls(tls)
         .https_only(true)
         .user_agent(ua)
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(30))
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .timeout(timeout)
         .pool_idle_timeout(Duration::from_secs(90))
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -98,8 +98,8 @@ pub fn build(ca_file: Option<&Path>) -> Result<Clients, HttpError> {
     let local = reqwest::Client::builder()
         .no_proxy()
         .user_agent(ua)
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| HttpError::Client(e.to_string()))?;

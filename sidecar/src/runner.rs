@@ -65,7 +65,7 @@ pub fn check_output_dir(cfg: &Config) -> anyhow::Result<()> {
 
 pub async fn run(cfg: Config, env: Env) -> anyhow::Result<()> {
     check_output_dir(&cfg)?;
-    let clients = http::build(cfg.ca_file.as_deref())?;
+    let clients = http::build(cfg.ca_file.as_deref(), cfg.request_timeout)?;
     let source = identity::select(&cfg, &env, &clients)?;
     tracing::info!(
         identity = source.name(),

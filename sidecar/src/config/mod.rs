@@ -170,6 +170,7 @@ pub struct Config {
     pub once: bool,
     pub allow_disk_output: bool,
     pub arc_token_dir: PathBuf,
+    pub request_timeout: Duration,
 }
 
 pub const DEFAULT_API_VERSION: &str = "7.5";
@@ -198,6 +199,7 @@ pub struct Overrides {
     pub once: bool,
     pub allow_disk_output: bool,
     pub arc_token_dir: Option<PathBuf>,
+    pub request_timeout: Option<String>,
 }
 
 impl Config {
@@ -292,6 +294,14 @@ impl Config {
                 "refresh interval must be at least 1s (Key Vault throttles at ~4000 reads per 10 s per vault)",
             ));
         }
+        let request_timeout = match o.request_timeout.as_deref() {
+            Some(s) => humantime::parse_duration(s)
+                .map_err(|e| invalid(format!("request timeout {s:?}: {e}")))?,
+            None => Duration::from_secs(30),
+        };
+        if request_timeout < Duration::from_millis(100) {
+            return Err(invalid("request timeout must be at least 100ms"));
+        }
         let api_version = o
             .api_version
             .or(raw.api_version)
@@ -357,6 +367,7 @@ impl Config {
             output_dir,
             refresh_interval,
             api_version,
+            request_timeout,
             ca_file: o.ca_file.or(raw.ca_file),
             verify_challenge_resource: !disable_verify,
             split_cert_key,

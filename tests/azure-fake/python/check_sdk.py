@@ -181,6 +181,22 @@ class Checker:
         self.passed = []
         self.failed = []
         self.skipped = []
+        self._own_token_file = None
+
+    def token_file(self):
+        """The fake's --federated-token-file, or one written here when it has none."""
+        if self.ready.get("federated_token_file"):
+            return self.ready["federated_token_file"]
+        if self._own_token_file is None:
+            fd, path = tempfile.mkstemp(prefix="azure-fake-sa-")
+            with os.fdopen(fd, "w") as f:
+                f.write(fake_service_account_token())
+            self._own_token_file = path
+        return self._own_token_file
+
+    def cleanup(self):
+        if self._own_token_file:
+            os.unlink(self._own_token_file)
 
     def run(self, name, fn):
         try:
@@ -228,11 +244,7 @@ class Checker:
     # ---------------------------------------------------------------- identities
 
     def check_workload_identity(self):
-        token_file = self.ready.get("federated_token_file")
-        if not token_file:
-            fd, token_file = tempfile.mkstemp(prefix="azure-fake-sa-")
-            with os.fdopen(fd, "w") as f:
-                f.write(fake_service_account_token())
+        token_file = self.token_file()
         with open(token_file, encoding="utf-8") as f:
             assertion = f.read()
         before = self.fake.stats()
@@ -264,11 +276,7 @@ class Checker:
 
     def check_token_endpoint_throttle(self):
         """A fresh credential whose first token request gets a 429 must retry."""
-        token_file = self.ready.get("federated_token_file")
-        if not token_file:
-            fd, token_file = tempfile.mkstemp(prefix="azure-fake-sa-")
-            with os.fdopen(fd, "w") as f:
-                f.write(fake_service_account_token())
+        token_file = self.token_file()
         before = self.fake.stats()
         self.fake.inject({"kind": "throttle", "target": "token", "retry_after_secs": 1, "count": 1})
         cred = WorkloadIdentityCredential(
@@ -329,11 +337,7 @@ class Checker:
             raise Mismatch("a wrong client secret was accepted")
 
     def check_wrong_tenant(self):
-        token_file = self.ready.get("federated_token_file")
-        if not token_file:
-            fd, token_file = tempfile.mkstemp(prefix="azure-fake-sa-")
-            with os.fdopen(fd, "w") as f:
-                f.write(fake_service_account_token())
+        token_file = self.token_file()
         cred = WorkloadIdentityCredential(
             tenant_id="00000000-0000-0000-0000-0000000000bd",
             client_id=self.ready["client_id"],
@@ -587,6 +591,7 @@ def main():
     c.run("vault: 429 with Retry-After is retried", c.check_throttle)
     c.run("vault: 503 is retried", c.check_transient_vault_error)
 
+    c.cleanup()
     print(
         "check_sdk: {} passed, {} failed, {} skipped".format(
             len(c.passed), len(c.failed), len(c.skipped)

@@ -1,17 +1,4 @@
-//! The `/_fake/` control API on the plain-HTTP listener, for tests that run the binary
-//! (the Python SDK check, shell-driven end-to-end tests).
-//!
-//! | request | effect |
-//! | --- | --- |
-//! | `GET /_fake/health` | 200 `{"ok":true}` |
-//! | `GET /_fake/stats` | [`crate::Stats`] as JSON |
-//! | `POST /_fake/stats/reset` | zero the statistics |
-//! | `POST /_fake/faults` body [`crate::Fault`] JSON, e.g. `{"kind":"throttle","target":"vault","retry_after_secs":1,"count":2}` | inject |
-//! | `DELETE /_fake/faults` | clear all faults |
-//! | `PUT /_fake/secrets/{name}` body `{"value":..,"contentType":..}` | set (cert content types make it managed); answers `{"version":..}` |
-//! | `DELETE /_fake/secrets/{name}` | delete |
-//! | `POST /_fake/secrets/{name}/forbid` / `.../allow` | 403 ForbiddenByRbac on / off |
-//! | `POST /_fake/tokens/revoke` | forget every issued access token |
+//! The `/_fake/` control API on the plain-HTTP listener (documented in the crate docs).
 
 use hyper::{Method, Response};
 use serde::Deserialize;

@@ -8,8 +8,22 @@
 //! - HTTPS (`https://localhost:PORT`, certificate from a throw-away test CA, HTTP/1.1 and
 //!   HTTP/2 by ALPN): Key Vault under `/secrets` and Entra ID under `/{tenant}/...`.
 //! - plain HTTP (`http://127.0.0.1:PORT2`): IMDS at `/metadata/identity/oauth2/token`, Arc
-//!   HIMDS at `/arc/metadata/identity/oauth2/token`, and the `/_fake/` admin API (see
-//!   [`admin`](crate::admin) docs in the source) used by tests that run the binary.
+//!   HIMDS at `/arc/metadata/identity/oauth2/token`, and the `/_fake/` admin API used by
+//!   tests that run the binary (below).
+//!
+//! Admin API (`admin_endpoint()`, i.e. `http://127.0.0.1:PORT2/_fake`):
+//!
+//! | request | effect |
+//! | --- | --- |
+//! | `GET /_fake/health` | 200 `{"ok":true}` |
+//! | `GET /_fake/stats` | [`Stats`] as JSON |
+//! | `POST /_fake/stats/reset` | zero the statistics |
+//! | `POST /_fake/faults`, body a [`Fault`] as JSON, e.g. `{"kind":"throttle","target":"vault","retry_after_secs":1,"count":2}` | inject it |
+//! | `DELETE /_fake/faults` | clear all faults |
+//! | `PUT /_fake/secrets/{name}`, body `{"value", "contentType"?}` | [`FakeAzure::set_secret`]; answers `{"version"}` |
+//! | `DELETE /_fake/secrets/{name}` | [`FakeAzure::delete_secret`] |
+//! | `POST /_fake/secrets/{name}/forbid`, `.../allow` | [`FakeAzure::forbid`], [`FakeAzure::allow`] |
+//! | `POST /_fake/tokens/revoke` | [`FakeAzure::revoke_tokens`] |
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {

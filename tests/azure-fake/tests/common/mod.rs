@@ -146,8 +146,7 @@ impl Client {
                             req = req.header(*k, *v);
                         }
                         let (mut sender, conn) =
-                            hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                                .await?;
+                            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
                         tokio::spawn(conn);
                         read(sender.send_request(req.body(body)?).await?).await
                     }
