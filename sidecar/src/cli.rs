@@ -76,7 +76,12 @@ pub struct Cli {
     #[arg(long, env = "SIDECAR_HTTP_ADDR", value_name = "HOST:PORT")]
     pub http_addr: Option<String>,
     /// Directory where the Arc agent writes its challenge key files.
-    #[arg(long, env = "SIDECAR_ARC_TOKEN_DIR", value_name = "DIR", hide_short_help = true)]
+    #[arg(
+        long,
+        env = "SIDECAR_ARC_TOKEN_DIR",
+        value_name = "DIR",
+        hide_short_help = true
+    )]
     pub arc_token_dir: Option<PathBuf>,
     /// Write secrets even if the output directory is on a disk. They will persist there.
     #[arg(long, env = "SIDECAR_DANGEROUSLY_ALLOW_DISK_OUTPUT")]
@@ -120,10 +125,17 @@ pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .map_err(|e| anyhow::anyhow!("log level {filter:?} is not a valid filter: {e}"))?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let r = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
     };
     r.map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
 }

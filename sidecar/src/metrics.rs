@@ -44,13 +44,46 @@ impl Metrics {
         let token_requests = Gauge::default();
         let ready = Gauge::default();
         registry.register("fetches", "Key Vault reads by result (ok, throttled, not_found, denied, unavailable, identity, ...)", fetches.clone());
-        registry.register("syncs", "Sync cycles by result (changed, unchanged, partial, error)", syncs.clone());
-        registry.register("notifications", "App notifications after a change, by result", notifications.clone());
-        registry.register("last_sync_timestamp_seconds", "Unix time of the last successful read, per object", last_sync.clone());
-        registry.register("secrets_delivered", "Files currently delivered to the output directory", delivered.clone());
-        registry.register("token_requests", "Tokens requested from the identity source so far", token_requests.clone());
-        registry.register("ready", "1 once the first complete set of secrets is delivered", ready.clone());
-        Self { registry, fetches, syncs, notifications, last_sync, delivered, token_requests, ready }
+        registry.register(
+            "syncs",
+            "Sync cycles by result (changed, unchanged, partial, error)",
+            syncs.clone(),
+        );
+        registry.register(
+            "notifications",
+            "App notifications after a change, by result",
+            notifications.clone(),
+        );
+        registry.register(
+            "last_sync_timestamp_seconds",
+            "Unix time of the last successful read, per object",
+            last_sync.clone(),
+        );
+        registry.register(
+            "secrets_delivered",
+            "Files currently delivered to the output directory",
+            delivered.clone(),
+        );
+        registry.register(
+            "token_requests",
+            "Tokens requested from the identity source so far",
+            token_requests.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 once the first complete set of secrets is delivered",
+            ready.clone(),
+        );
+        Self {
+            registry,
+            fetches,
+            syncs,
+            notifications,
+            last_sync,
+            delivered,
+            token_requests,
+            ready,
+        }
     }
 
     pub fn fetch(&self, result: &'static str) {
@@ -62,12 +95,20 @@ impl Metrics {
     }
 
     pub fn notification(&self, ok: bool) {
-        self.notifications.get_or_create(&ResultLabel { result: if ok { "ok" } else { "error" } }).inc();
+        self.notifications
+            .get_or_create(&ResultLabel {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
     }
 
     pub fn object_synced(&self, object: &str) {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        self.last_sync.get_or_create(&ObjectLabel { object: object.to_owned() }).set(now);
+        self.last_sync
+            .get_or_create(&ObjectLabel {
+                object: object.to_owned(),
+            })
+            .set(now);
     }
 
     pub fn set_delivered(&self, files: usize) {
@@ -75,7 +116,8 @@ impl Metrics {
     }
 
     pub fn set_token_requests(&self, n: u64) {
-        self.token_requests.set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.token_requests
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn set_ready(&self) {

@@ -51,19 +51,33 @@ fn signal_by_name(sig: i32, name: &str) -> Result<usize, NotifyError> {
     let me = std::process::id();
     // /proc/PID/comm holds at most 15 bytes of the name.
     let want: String = name.chars().take(15).collect();
-    let signal = rustix::process::Signal::from_named_raw(sig)
-        .ok_or_else(|| NotifyError::Signal { pid: 0, name: name.to_owned(), source: std::io::Error::other("unknown signal") })?;
+    let signal =
+        rustix::process::Signal::from_named_raw(sig).ok_or_else(|| NotifyError::Signal {
+            pid: 0,
+            name: name.to_owned(),
+            source: std::io::Error::other("unknown signal"),
+        })?;
     let mut sent = 0;
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
         if u32::try_from(pid).ok() == Some(me) {
             continue;
         }
-        let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else { continue };
+        let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else {
+            continue;
+        };
         if comm.trim_end() != want {
             continue;
         }
-        let Some(p) = rustix::process::Pid::from_raw(pid) else { continue };
+        let Some(p) = rustix::process::Pid::from_raw(pid) else {
+            continue;
+        };
         rustix::process::kill_process(p, signal).map_err(|e| NotifyError::Signal {
             pid,
             name: name.to_owned(),
@@ -81,7 +95,10 @@ fn signal_by_name(sig: i32, name: &str) -> Result<usize, NotifyError> {
 async fn run(argv: &[String]) -> Result<(), NotifyError> {
     let cmd = argv.join(" ");
     let Some((prog, args)) = argv.split_first() else {
-        return Err(NotifyError::Command { cmd, message: "empty".into() });
+        return Err(NotifyError::Command {
+            cmd,
+            message: "empty".into(),
+        });
     };
     let child = tokio::process::Command::new(prog)
         .args(args)
@@ -90,8 +107,14 @@ async fn run(argv: &[String]) -> Result<(), NotifyError> {
         .output();
     let out = tokio::time::timeout(Duration::from_secs(30), child)
         .await
-        .map_err(|_| NotifyError::Command { cmd: cmd.clone(), message: "did not finish within 30 s".into() })?
-        .map_err(|e| NotifyError::Command { cmd: cmd.clone(), message: e.to_string() })?;
+        .map_err(|_| NotifyError::Command {
+            cmd: cmd.clone(),
+            message: "did not finish within 30 s".into(),
+        })?
+        .map_err(|e| NotifyError::Command {
+            cmd: cmd.clone(),
+            message: e.to_string(),
+        })?;
     if out.status.success() {
         tracing::info!(command = %cmd, "ran the notify command");
         Ok(())
@@ -99,7 +122,11 @@ async fn run(argv: &[String]) -> Result<(), NotifyError> {
         let stderr = String::from_utf8_lossy(&out.stderr);
         Err(NotifyError::Command {
             cmd,
-            message: format!("{} {}", out.status, stderr.lines().next().unwrap_or_default()),
+            message: format!(
+                "{} {}",
+                out.status,
+                stderr.lines().next().unwrap_or_default()
+            ),
         })
     }
 }

@@ -27,7 +27,10 @@ pub struct State {
 
 impl State {
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().map(|g| g.clone()).unwrap_or_default()
+        self.last_error
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default()
     }
 
     fn set_error(&self, e: Option<String>) {
@@ -41,10 +44,19 @@ impl State {
 pub fn check_output_dir(cfg: &Config) -> anyhow::Result<()> {
     let dir = &cfg.output_dir;
     let meta = std::fs::metadata(dir).with_context(|| {
-        format!("output directory {}: mount an emptyDir with medium: Memory there", dir.display())
+        format!(
+            "output directory {}: mount an emptyDir with medium: Memory there",
+            dir.display()
+        )
     })?;
-    anyhow::ensure!(meta.is_dir(), "output directory {} is not a directory", dir.display());
-    match fs_kind(dir).with_context(|| format!("inspecting the file system of {}", dir.display()))? {
+    anyhow::ensure!(
+        meta.is_dir(),
+        "output directory {} is not a directory",
+        dir.display()
+    );
+    match fs_kind(dir)
+        .with_context(|| format!("inspecting the file system of {}", dir.display()))?
+    {
         FsKind::Memory => Ok(()),
         FsKind::Other(magic) if cfg.allow_disk_output => {
             tracing::warn!(
@@ -90,7 +102,10 @@ pub async fn run(cfg: Config, env: Env) -> anyhow::Result<()> {
 
     if cfg.once {
         let report = syncer.sync().await?;
-        tracing::info!(files = report.files, "all secrets delivered; exiting (--once)");
+        tracing::info!(
+            files = report.files,
+            "all secrets delivered; exiting (--once)"
+        );
         return Ok(());
     }
 
@@ -101,9 +116,9 @@ pub async fn run(cfg: Config, env: Env) -> anyhow::Result<()> {
         last_error: Mutex::new(None),
     });
     if let Some(addr) = cfg.http_addr {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the HTTP listener on {addr} (--http-addr; \"off\" disables it)"))?;
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("binding the HTTP listener on {addr} (--http-addr; \"off\" disables it)")
+        })?;
         tracing::info!(addr = ?l.local_addr().ok(), "serving /healthz, /readyz and /metrics");
         tokio::spawn(crate::server::serve(l, Arc::clone(&state)));
     }
@@ -117,15 +132,25 @@ pub async fn run(cfg: Config, env: Env) -> anyhow::Result<()> {
                 let first = !state.ready.swap(true, Ordering::AcqRel);
                 if first {
                     metrics.set_ready();
-                    tracing::info!(files = report.files, "first complete set of secrets delivered: ready");
+                    tracing::info!(
+                        files = report.files,
+                        "first complete set of secrets delivered: ready"
+                    );
                 }
                 if report.stale.is_empty() {
-                    metrics.sync(if report.changed { "changed" } else { "unchanged" });
+                    metrics.sync(if report.changed {
+                        "changed"
+                    } else {
+                        "unchanged"
+                    });
                     state.set_error(None);
                     failures = 0;
                 } else {
                     metrics.sync("partial");
-                    state.set_error(Some(format!("could not refresh {}", report.stale.join(", "))));
+                    state.set_error(Some(format!(
+                        "could not refresh {}",
+                        report.stale.join(", ")
+                    )));
                     failures += 1;
                 }
                 if report.changed && !first && notify_configured(&cfg) {
@@ -171,7 +196,9 @@ fn next_delay(refresh: Duration, failures: u32) -> Duration {
     let base = if failures == 0 {
         refresh
     } else {
-        Duration::from_secs(2).saturating_mul(1 << failures.min(16)).min(refresh)
+        Duration::from_secs(2)
+            .saturating_mul(1 << failures.min(16))
+            .min(refresh)
     };
     let jitter = rand::random_range(0.9..1.1);
     base.mul_f64(jitter)

@@ -39,7 +39,10 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
 
 fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n".into());
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is served here\n".into(),
+        );
     }
     match req.uri().path() {
         "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
@@ -47,12 +50,19 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             if state.ready.load(Ordering::Acquire) {
                 let mut body = String::from("ok: secrets delivered\n");
                 if let Some(e) = state.last_error() {
-                    body.push_str(&format!("warning: last refresh failed, serving the last good files: {e}\n"));
+                    body.push_str(&format!(
+                        "warning: last refresh failed, serving the last good files: {e}\n"
+                    ));
                 }
                 text(StatusCode::OK, body)
             } else {
-                let why = state.last_error().unwrap_or_else(|| "first sync in progress".into());
-                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n"))
+                let why = state
+                    .last_error()
+                    .unwrap_or_else(|| "first sync in progress".into());
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                )
             }
         }
         "/metrics" => {
@@ -63,7 +73,10 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             }
             r
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz or /metrics\n".into(),
+        ),
     }
 }
 

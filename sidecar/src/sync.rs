@@ -74,7 +74,13 @@ pub struct Syncer {
 
 impl Syncer {
     pub fn new(cfg: Arc<Config>, kv: Arc<KeyVault>, metrics: Arc<Metrics>) -> Self {
-        Self { cfg, kv, metrics, last: HashMap::new(), published: None }
+        Self {
+            cfg,
+            kv,
+            metrics,
+            last: HashMap::new(),
+            published: None,
+        }
     }
 
     pub async fn sync(&mut self) -> Result<SyncReport, SyncError> {
@@ -94,7 +100,10 @@ impl Syncer {
                         tracing::warn!(object = %obj.name, error = %e, "read failed; keeping the last good value");
                         report.stale.push(obj.name.clone());
                     } else if first_error.is_none() {
-                        first_error = Some(SyncError::Fetch { object: obj.name.clone(), source: e });
+                        first_error = Some(SyncError::Fetch {
+                            object: obj.name.clone(),
+                            source: e,
+                        });
                     }
                 }
             }
@@ -105,14 +114,21 @@ impl Syncer {
         }
         let mut files = Vec::new();
         for obj in &self.cfg.objects {
-            let Some(f) = self.last.get(&obj.name) else { continue };
-            files.extend(to_files(obj, f, self.cfg.split_cert_key).map_err(|source| SyncError::Convert {
-                object: obj.name.clone(),
-                source,
+            let Some(f) = self.last.get(&obj.name) else {
+                continue;
+            };
+            files.extend(to_files(obj, f, self.cfg.split_cert_key).map_err(|source| {
+                SyncError::Convert {
+                    object: obj.name.clone(),
+                    source,
+                }
             })?);
         }
         report.files = files.len();
-        let fingerprints: HashMap<String, [u8; 32]> = files.iter().map(|f| (f.name.clone(), fingerprint(f))).collect();
+        let fingerprints: HashMap<String, [u8; 32]> = files
+            .iter()
+            .map(|f| (f.name.clone(), fingerprint(f)))
+            .collect();
         if self.published.as_ref() == Some(&fingerprints) {
             return Ok(report);
         }
@@ -124,7 +140,11 @@ impl Syncer {
             .cfg
             .objects
             .iter()
-            .filter_map(|o| self.last.get(&o.name).map(|f| format!("{}@{}", o.name, short(&f.version))))
+            .filter_map(|o| {
+                self.last
+                    .get(&o.name)
+                    .map(|f| format!("{}@{}", o.name, short(&f.version)))
+            })
             .collect();
         tracing::info!(files = files.len(), versions = %versions.join(","), "published a new set of secrets");
         Ok(report)
@@ -142,12 +162,14 @@ impl Syncer {
                 (i, fetch(&kv, &obj).await)
             });
         }
-        let mut out: Vec<Option<Result<Fetched, KvError>>> = (0..self.cfg.objects.len()).map(|_| None).collect();
+        let mut out: Vec<Option<Result<Fetched, KvError>>> =
+            (0..self.cfg.objects.len()).map(|_| None).collect();
         while let Some(joined) = tasks.join_next().await {
-            if let Ok((i, r)) = joined {
-                if let Some(slot) = out.get_mut(i) {
-                    *slot = Some(r);
-                }
+            if let Some((slot, r)) = joined
+                .ok()
+                .and_then(|(i, r)| out.get_mut(i).map(|s| (s, r)))
+            {
+                *slot = Some(r);
             }
         }
         out.into_iter()
@@ -172,31 +194,51 @@ async fn fetch(kv: &KeyVault, obj: &ObjectSpec) -> Result<Fetched, KvError> {
     match obj.kind {
         ObjectKind::Secret => {
             let b = kv.get_secret(&obj.name, obj.version.as_deref()).await?;
-            Ok(Fetched { value: b.value, content_type: b.content_type, version: b.version })
+            Ok(Fetched {
+                value: b.value,
+                content_type: b.content_type,
+                version: b.version,
+            })
         }
         ObjectKind::Cert => {
-            let (der, version) = kv.get_certificate(&obj.name, obj.version.as_deref()).await?;
-            Ok(Fetched { value: SecretBytes::new(convert::pem_block("CERTIFICATE", &der)), content_type: None, version })
+            let (der, version) = kv
+                .get_certificate(&obj.name, obj.version.as_deref())
+                .await?;
+            Ok(Fetched {
+                value: SecretBytes::new(convert::pem_block("CERTIFICATE", &der)),
+                content_type: None,
+                version,
+            })
         }
     }
 }
 
 /// The file(s) one object becomes.
 fn to_files(obj: &ObjectSpec, f: &Fetched, split: bool) -> Result<Vec<FileSpec>, ConvertError> {
-    let file = |name: String, content: SecretBytes| FileSpec { name, content, mode: obj.mode, uid: obj.uid, gid: obj.gid };
+    let file = |name: String, content: SecretBytes| FileSpec {
+        name,
+        content,
+        mode: obj.mode,
+        uid: obj.uid,
+        gid: obj.gid,
+    };
     if obj.kind == ObjectKind::Cert {
         return Ok(vec![file(obj.file.clone(), f.value.duplicate())]);
     }
     match (f.content_type.as_deref(), obj.format) {
-        (Some("application/x-pkcs12"), CertFormat::Pfx) => {
-            Ok(vec![file(obj.file.clone(), convert::decode(&f.value, convert::Encoding::Base64)?)])
-        }
+        (Some("application/x-pkcs12"), CertFormat::Pfx) => Ok(vec![file(
+            obj.file.clone(),
+            convert::decode(&f.value, convert::Encoding::Base64)?,
+        )]),
         (Some("application/x-pkcs12"), CertFormat::Pem) => {
             let parts = convert::pkcs12_to_pem(&f.value)?;
             if split {
                 Ok(vec![
                     file(format!("{}.key", obj.file), parts.key.duplicate()),
-                    file(format!("{}.crt", obj.file), SecretBytes::new(parts.chain.clone())),
+                    file(
+                        format!("{}.crt", obj.file),
+                        SecretBytes::new(parts.chain.clone()),
+                    ),
                 ])
             } else {
                 Ok(vec![file(obj.file.clone(), parts.combined())])
@@ -204,9 +246,15 @@ fn to_files(obj: &ObjectSpec, f: &Fetched, split: bool) -> Result<Vec<FileSpec>,
         }
         (Some("application/x-pem-file"), _) if split => {
             let (key, certs) = split_pem(f.value.expose());
-            Ok(vec![file(format!("{}.key", obj.file), key), file(format!("{}.crt", obj.file), SecretBytes::new(certs))])
+            Ok(vec![
+                file(format!("{}.key", obj.file), key),
+                file(format!("{}.crt", obj.file), SecretBytes::new(certs)),
+            ])
         }
-        _ => Ok(vec![file(obj.file.clone(), convert::decode(&f.value, obj.encoding)?)]),
+        _ => Ok(vec![file(
+            obj.file.clone(),
+            convert::decode(&f.value, obj.encoding)?,
+        )]),
     }
 }
 
@@ -217,7 +265,11 @@ fn split_pem(pem: &[u8]) -> (SecretBytes, Vec<u8>) {
     let mut current: Option<&mut String> = None;
     for line in text.lines() {
         if line.starts_with("-----BEGIN ") {
-            current = Some(if line.contains("PRIVATE KEY") { &mut key } else { &mut certs });
+            current = Some(if line.contains("PRIVATE KEY") {
+                &mut key
+            } else {
+                &mut certs
+            });
         }
         if let Some(buf) = current.as_deref_mut() {
             buf.push_str(line);
@@ -227,7 +279,10 @@ fn split_pem(pem: &[u8]) -> (SecretBytes, Vec<u8>) {
             current = None;
         }
     }
-    (SecretBytes::new(zeroize::Zeroizing::new(key).as_bytes().to_vec()), certs.into_bytes())
+    (
+        SecretBytes::new(zeroize::Zeroizing::new(key).as_bytes().to_vec()),
+        certs.into_bytes(),
+    )
 }
 
 fn fingerprint(f: &FileSpec) -> [u8; 32] {
@@ -251,7 +306,13 @@ mod tests {
     fn splits_pem_bundles() {
         let pem = b"-----BEGIN PRIVATE KEY-----\nAAA\n-----END PRIVATE KEY-----\n-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n";
         let (k, c) = split_pem(pem);
-        assert_eq!(k.expose(), b"-----BEGIN PRIVATE KEY-----\nAAA\n-----END PRIVATE KEY-----\n");
-        assert_eq!(c, b"-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n");
+        assert_eq!(
+            k.expose(),
+            b"-----BEGIN PRIVATE KEY-----\nAAA\n-----END PRIVATE KEY-----\n"
+        );
+        assert_eq!(
+            c,
+            b"-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n"
+        );
     }
 }

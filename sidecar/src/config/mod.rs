@@ -447,12 +447,13 @@ fn validate_object(r: RawObject) -> Result<ObjectSpec, ConfigError> {
         }
     };
     let version = r.object_version.filter(|v| !v.is_empty());
-    if let Some(v) = &version {
-        if v.len() != 32 || !v.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(what(format!(
-                "objectVersion {v:?} is not a Key Vault version (32 hex digits)"
-            )));
-        }
+    if let Some(v) = version
+        .as_ref()
+        .filter(|v| v.len() != 32 || !v.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        return Err(what(format!(
+            "objectVersion {v:?} is not a Key Vault version (32 hex digits)"
+        )));
     }
     let file = r
         .object_alias

@@ -60,7 +60,7 @@ pub fn decode(value: &SecretBytes, encoding: Encoding) -> Result<SecretBytes, Co
                 .collect();
             let s = SecretBytes::new(s);
             let h = s.expose();
-            if h.len() % 2 != 0 {
+            if !h.len().is_multiple_of(2) {
                 return Err(ConvertError::Decode("hex", "odd number of digits".into()));
             }
             let mut out = Vec::with_capacity(h.len() / 2);

@@ -27,9 +27,7 @@ pub fn parse(header: &str) -> Vec<Challenge> {
     let mut rest = header.trim();
     while !rest.is_empty() {
         // A token followed by space or '=' decides between a new scheme and a parameter.
-        let tok_end = rest
-            .find(|c: char| c == ' ' || c == '=' || c == ',')
-            .unwrap_or(rest.len());
+        let tok_end = rest.find([' ', '=', ',']).unwrap_or(rest.len());
         let token = &rest[..tok_end];
         let after = rest[tok_end..].trim_start();
         if token.is_empty() {
