@@ -44,6 +44,8 @@ pub struct LoadedKek {
     used: AtomicU64,
     /// Encryptions this process may make before it must reserve more.
     reserved: AtomicU64,
+    /// Size of the last reservation: a top-up is wanted when half of it is left.
+    last_grant: AtomicU64,
 }
 
 /// Why an encryption under the active key was refused.
@@ -65,6 +67,7 @@ impl LoadedKek {
             cipher: KekCipher::new(kek),
             used: AtomicU64::new(used_so_far),
             reserved: AtomicU64::new(used_so_far),
+            last_grant: AtomicU64::new(0),
         }
     }
 
@@ -101,8 +104,8 @@ impl LoadedKek {
 
     /// True when less than half a block of reserved encryptions is left.
     pub fn wants_reservation(&self) -> bool {
-        self.used() + RESERVATION_BLOCK / 2 >= self.reserved()
-            && self.used() < HARD_ENCRYPTION_LIMIT
+        let margin = (RESERVATION_BLOCK.max(self.last_grant.load(Ordering::Relaxed))) / 2;
+        self.used() + margin >= self.reserved() && self.used() < HARD_ENCRYPTION_LIMIT
     }
 
     /// Records a reservation made in the key store: `[from, to)`. If the store's count was
@@ -112,6 +115,7 @@ impl LoadedKek {
         if from > self.reserved.load(Ordering::Acquire) {
             self.used.fetch_max(from, Ordering::Relaxed);
         }
+        self.last_grant.store(to.saturating_sub(from), Ordering::Relaxed);
         self.reserved.fetch_max(to, Ordering::Release);
     }
 }

@@ -58,13 +58,18 @@ pub struct Health {
 pub struct Kms {
     ring: RwLock<Arc<KeyRing>>,
     reservation_wanted: Notify,
+    reservation_granted: Notify,
 }
+
+/// How long an Encrypt waits for the keeper to reserve more encryptions before failing.
+const RESERVATION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Kms {
     pub fn new(ring: KeyRing) -> Self {
         Self {
             ring: RwLock::new(Arc::new(ring)),
             reservation_wanted: Notify::new(),
+            reservation_granted: Notify::new(),
         }
     }
 
@@ -90,6 +95,36 @@ impl Kms {
     /// Woken when the active key wants more encryptions reserved in the key store.
     pub fn reservation_wanted(&self) -> &Notify {
         &self.reservation_wanted
+    }
+
+    /// Signalled by the keeper after it reserved encryptions or installed a new ring.
+    pub fn reservation_granted(&self) -> &Notify {
+        &self.reservation_granted
+    }
+
+    /// Runs an Encrypt; if the active key is waiting for its next counter reservation (a
+    /// burst used up the block), waits for the keeper briefly and tries again instead of
+    /// failing the request. Without a burst this returns at once.
+    pub async fn with_reservation<T>(
+        &self,
+        encrypt: impl Fn() -> Result<T, KmsError>,
+    ) -> Result<T, KmsError> {
+        let deadline = tokio::time::Instant::now() + RESERVATION_WAIT;
+        loop {
+            // Registered before the attempt, so a grant between the two is not missed.
+            let granted = self.reservation_granted.notified();
+            tokio::pin!(granted);
+            granted.as_mut().enable();
+            match encrypt() {
+                Err(KmsError::Budget(BudgetError::ReservationPending { .. }))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    self.reservation_wanted.notify_one();
+                    let _ = tokio::time::timeout_at(deadline, granted).await;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Status: the active key id and an in-memory round trip through its cipher.

@@ -71,16 +71,19 @@ impl KeyManagementService for V1beta1Service {
         let start = Instant::now();
         let mut req = request.into_inner();
         let plaintext = Plaintext::take(&mut req.plain);
-        let r = check_version(&req.version).and_then(|()| match self.kms.encrypt_v1(&plaintext) {
-            Ok(cipher) => {
-                tracing::info!(op = "encrypt", api = API_VERSION, "encrypted a DEK");
-                Ok(Response::new(EncryptResponse { cipher }))
-            }
-            Err(e) => {
-                tracing::warn!(op = "encrypt", api = API_VERSION, error = %e, "encrypt failed");
-                Err(to_status(&e))
-            }
-        });
+        let r = match check_version(&req.version) {
+            Err(e) => Err(e),
+            Ok(()) => match self.kms.with_reservation(|| self.kms.encrypt_v1(&plaintext)).await {
+                Ok(cipher) => {
+                    tracing::info!(op = "encrypt", api = API_VERSION, "encrypted a DEK");
+                    Ok(Response::new(EncryptResponse { cipher }))
+                }
+                Err(e) => {
+                    tracing::warn!(op = "encrypt", api = API_VERSION, error = %e, "encrypt failed");
+                    Err(to_status(&e))
+                }
+            },
+        };
         self.record(Op::encrypt, start, &r);
         r
     }

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 
 use super::Shared;
 use crate::keyadmin;
-use crate::keyring::{KeyRing, RESERVATION_BLOCK, SOFT_ENCRYPTION_LIMIT};
+use crate::keyring::{KeyRing, SOFT_ENCRYPTION_LIMIT};
 use crate::keystore::{KeyState, KeyStoreError};
 
 /// Loads the key store into a ring and reserves encryptions for its active key before
@@ -23,10 +23,12 @@ pub fn load_ring(shared: &Shared, previous: Option<&KeyRing>) -> Result<KeyRing,
     if let Some(active) = ring.active().filter(|a| a.wants_reservation()) {
         let id = active.id.clone();
         let used = active.used();
-        let (range, after) = shared.store.update(|m| {
-            Ok::<_, KeyStoreError>(m.reserve(id.as_str(), used, RESERVATION_BLOCK)?)
-        })?;
+        let block = shared.next_reservation_block();
+        let (range, after) = shared
+            .store
+            .update(|m| Ok::<_, KeyStoreError>(m.reserve(id.as_str(), used, block)?))?;
         active.grant(range.0, range.1);
+        shared.kms.reservation_granted().notify_waiters();
         // Our own write is the only change since we loaded: the ring still matches.
         if after.generation == manifest.generation + 1 {
             ring.set_generation(after.generation);
@@ -92,6 +94,7 @@ fn reload_if_changed(shared: &Shared, current: &Arc<KeyRing>) {
                 tracing::info!(generation, "key store changed; key ring reloaded");
             }
             shared.kms.install(ring);
+            shared.kms.reservation_granted().notify_waiters();
         }
         Err(e) => {
             shared.metrics.reload(false);

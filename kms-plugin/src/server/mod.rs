@@ -36,6 +36,28 @@ pub struct Shared {
     pub store: KeyStore,
     pub backend: Arc<dyn KeyBackend>,
     pub backend_healthy: AtomicBool,
+    /// When the last counter reservation was made and how big it was.
+    pub reservations: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Shared {
+    /// The size of the next counter reservation: the base block, grown fourfold (up to
+    /// 2^20) while blocks last less than 10 s, so a burst of Encrypts is not throttled by
+    /// key store writes; back to the base when traffic is calm. A crash forfeits at most
+    /// one block of the 2^31 budget.
+    pub fn next_reservation_block(&self) -> u64 {
+        use crate::keyring::RESERVATION_BLOCK;
+        let mut g = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let block = match g.0 {
+            Some(last) if now.duration_since(last) < std::time::Duration::from_secs(10) => {
+                (g.1 * 4).min(1 << 20)
+            }
+            _ => RESERVATION_BLOCK,
+        };
+        *g = (Some(now), block);
+        block
+    }
 }
 
 /// Runs a blocking closure (file I/O, TPM) off the async runtime.
@@ -75,6 +97,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
                 store,
                 backend,
                 backend_healthy: AtomicBool::new(true),
+                reservations: std::sync::Mutex::new((None, 0)),
             };
             let ring = keeper::load_ring(&shared, None)?;
             shared.metrics.ring_loaded(&ring, false);
