@@ -115,7 +115,8 @@ impl LoadedKek {
         if from > self.reserved.load(Ordering::Acquire) {
             self.used.fetch_max(from, Ordering::Relaxed);
         }
-        self.last_grant.store(to.saturating_sub(from), Ordering::Relaxed);
+        self.last_grant
+            .store(to.saturating_sub(from), Ordering::Relaxed);
         self.reserved.fetch_max(to, Ordering::Release);
     }
 }

@@ -144,7 +144,11 @@ impl Metrics {
     }
 
     pub fn observe(&self, api: Api, op: Op, code: tonic::Code, seconds: f64) {
-        let labels = OpLabels { api, op, code: code_name(code) };
+        let labels = OpLabels {
+            api,
+            op,
+            code: code_name(code),
+        };
         self.requests.get_or_create(&labels).inc();
         self.latency.get_or_create(&labels).observe(seconds);
     }

@@ -73,7 +73,11 @@ impl KeyManagementService for V1beta1Service {
         let plaintext = Plaintext::take(&mut req.plain);
         let r = match check_version(&req.version) {
             Err(e) => Err(e),
-            Ok(()) => match self.kms.with_reservation(|| self.kms.encrypt_v1(&plaintext)).await {
+            Ok(()) => match self
+                .kms
+                .with_reservation(|| self.kms.encrypt_v1(&plaintext))
+                .await
+            {
                 Ok(cipher) => {
                     tracing::info!(op = "encrypt", api = API_VERSION, "encrypted a DEK");
                     Ok(Response::new(EncryptResponse { cipher }))

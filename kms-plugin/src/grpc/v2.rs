@@ -85,7 +85,11 @@ impl KeyManagementService for V2Service {
         let mut req = request.into_inner();
         let plaintext = Plaintext::take(&mut req.plaintext);
         let uid = log_uid(&req.uid);
-        let r = match self.kms.with_reservation(|| self.kms.encrypt_v2(&plaintext)).await {
+        let r = match self
+            .kms
+            .with_reservation(|| self.kms.encrypt_v2(&plaintext))
+            .await
+        {
             Ok(enc) => {
                 tracing::info!(op = "encrypt", uid, key_id = %enc.key_id, "encrypted a DEK seed");
                 Ok(Response::new(EncryptResponse {
