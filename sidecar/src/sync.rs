@@ -67,6 +67,8 @@ pub struct Syncer {
     cfg: Arc<Config>,
     kv: Arc<KeyVault>,
     metrics: Arc<Metrics>,
+    /// The last good value of each object, by its file name (unique per object, unlike the
+    /// object name: one secret may be listed twice, at different versions).
     last: HashMap<String, Fetched>,
     /// Fingerprint of each published file (content, mode, owner), to skip no-op writes.
     published: Option<HashMap<String, [u8; 32]>>,
@@ -92,11 +94,11 @@ impl Syncer {
                 Ok(f) => {
                     self.metrics.fetch("ok");
                     self.metrics.object_synced(&obj.name);
-                    self.last.insert(obj.name.clone(), f);
+                    self.last.insert(obj.file.clone(), f);
                 }
                 Err(e) => {
                     self.metrics.fetch(e.kind());
-                    if self.last.contains_key(&obj.name) {
+                    if self.last.contains_key(&obj.file) {
                         tracing::warn!(object = %obj.name, error = %e, "read failed; keeping the last good value");
                         report.stale.push(obj.name.clone());
                     } else if first_error.is_none() {
@@ -114,7 +116,7 @@ impl Syncer {
         }
         let mut files = Vec::new();
         for obj in &self.cfg.objects {
-            let Some(f) = self.last.get(&obj.name) else {
+            let Some(f) = self.last.get(&obj.file) else {
                 continue;
             };
             files.extend(to_files(obj, f, self.cfg.split_cert_key).map_err(|source| {
@@ -142,7 +144,7 @@ impl Syncer {
             .iter()
             .filter_map(|o| {
                 self.last
-                    .get(&o.name)
+                    .get(&o.file)
                     .map(|f| format!("{}@{}", o.name, short(&f.version)))
             })
             .collect();

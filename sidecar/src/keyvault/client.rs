@@ -85,29 +85,8 @@ impl KeyVault {
             Some(v) => format!("secrets/{name}/{v}"),
             None => format!("secrets/{name}"),
         };
-        let body = self.get_with_retries(&path, name).await?;
-        #[derive(serde::Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Bundle {
-            value: Option<String>,
-            id: Option<String>,
-            content_type: Option<String>,
-        }
-        let b: Bundle =
-            serde_json::from_slice(&body).map_err(|e| malformed(name, &e.to_string()))?;
-        let value = b
-            .value
-            .ok_or_else(|| malformed(name, "no value in the response"))?;
-        let version =
-            b.id.as_deref()
-                .and_then(|id| id.rsplit('/').next())
-                .unwrap_or_default()
-                .to_owned();
-        Ok(SecretBundle {
-            value: SecretBytes::new(value.into_bytes()),
-            version,
-            content_type: b.content_type,
-        })
+        self.get_with_retries(&path, name, |body| parse_secret(name, body))
+            .await
     }
 
     /// `GET /certificates/{name}[/{version}]`: the public certificate (DER).
@@ -120,37 +99,24 @@ impl KeyVault {
             Some(v) => format!("certificates/{name}/{v}"),
             None => format!("certificates/{name}"),
         };
-        let body = self.get_with_retries(&path, name).await?;
-        #[derive(serde::Deserialize)]
-        struct Cert {
-            cer: Option<String>,
-            id: Option<String>,
-        }
-        let c: Cert = serde_json::from_slice(&body).map_err(|e| malformed(name, &e.to_string()))?;
-        let der = c
-            .cer
-            .as_deref()
-            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-            .ok_or_else(|| malformed(name, "no valid cer in the response"))?;
-        let version =
-            c.id.as_deref()
-                .and_then(|id| id.rsplit('/').next())
-                .unwrap_or_default()
-                .to_owned();
-        Ok((der, version))
+        self.get_with_retries(&path, name, |body| parse_certificate(name, body))
+            .await
     }
 
-    async fn get_with_retries(
+    /// One read with retries; a response that does not parse counts as a failed attempt
+    /// (a proxy or an outage can truncate a body) and is retried too.
+    async fn get_with_retries<T>(
         &self,
         path: &str,
         object: &str,
-    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KvError> {
+        parse: impl Fn(&[u8]) -> Result<T, KvError>,
+    ) -> Result<T, KvError> {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.policy.min_delay)
             .with_max_delay(self.policy.max_delay)
             .with_max_times(self.policy.max_times)
             .with_jitter();
-        (|| self.get_once(path, object))
+        (|| async { parse(&self.get_once(path, object).await?) })
             .retry(backoff)
             .when(KvError::is_transient)
             // The service's own hint wins over our schedule, but never ends the retries.
@@ -288,6 +254,50 @@ impl KeyVault {
             }
         }
     }
+}
+
+fn parse_secret(name: &str, body: &[u8]) -> Result<SecretBundle, KvError> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Bundle {
+        value: Option<String>,
+        id: Option<String>,
+        content_type: Option<String>,
+    }
+    let b: Bundle = serde_json::from_slice(body).map_err(|e| malformed(name, &e.to_string()))?;
+    let value = b
+        .value
+        .ok_or_else(|| malformed(name, "no value in the response"))?;
+    let version =
+        b.id.as_deref()
+            .and_then(|id| id.rsplit('/').next())
+            .unwrap_or_default()
+            .to_owned();
+    Ok(SecretBundle {
+        value: SecretBytes::new(value.into_bytes()),
+        version,
+        content_type: b.content_type,
+    })
+}
+
+fn parse_certificate(name: &str, body: &[u8]) -> Result<(Vec<u8>, String), KvError> {
+    #[derive(serde::Deserialize)]
+    struct Cert {
+        cer: Option<String>,
+        id: Option<String>,
+    }
+    let c: Cert = serde_json::from_slice(body).map_err(|e| malformed(name, &e.to_string()))?;
+    let der = c
+        .cer
+        .as_deref()
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .ok_or_else(|| malformed(name, "no valid cer in the response"))?;
+    let version =
+        c.id.as_deref()
+            .and_then(|id| id.rsplit('/').next())
+            .unwrap_or_default()
+            .to_owned();
+    Ok((der, version))
 }
 
 fn malformed(object: &str, why: &str) -> KvError {

@@ -88,9 +88,11 @@ pub fn describe(status: u16, body: &[u8]) -> (Option<String>, String) {
         .as_ref()
         .and_then(|o| o.error.innererror.as_ref())
         .and_then(|i| i.code.clone());
+    // Key Vault's messages can hold CRLFs: keep the operator's error on one line.
     let message = parsed
         .as_ref()
-        .and_then(|o| o.error.message.clone())
+        .and_then(|o| o.error.message.as_deref())
+        .map(|m| m.split_whitespace().collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|| {
             if body.is_empty() {
                 "(empty body)".into()
