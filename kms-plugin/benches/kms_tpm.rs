@@ -148,13 +148,12 @@ async fn start_to_healthy(ks: &Path, backend: &[String], dir: &Path) -> (Duratio
     let t = Instant::now();
     let s = serve(ks, backend, dir);
     loop {
-        if let Some(mut c) = connect(&s.socket).await {
-            if c.status(StatusRequest {})
+        if let Some(mut c) = connect(&s.socket).await
+            && c.status(StatusRequest {})
                 .await
                 .is_ok_and(|r| r.get_ref().healthz == "ok")
-            {
-                return (t.elapsed(), s);
-            }
+        {
+            return (t.elapsed(), s);
         }
         assert!(
             t.elapsed() < Duration::from_secs(20),

@@ -21,8 +21,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     sidecar::cli::init_logging(cli.log_format, &cli.log_level)?;
     let cfg = Config::load(cli.config.as_deref(), cli.overrides())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the sidecar mostly waits on the network, and every extra thread costs
+    // memory in a pod that should stay small.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(sidecar::runner::run(cfg, Env::from_process()))
