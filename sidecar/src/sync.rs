@@ -212,6 +212,14 @@ async fn fetch(kv: &KeyVault, obj: &ObjectSpec) -> Result<Fetched, KvError> {
                 version,
             })
         }
+        ObjectKind::Key => {
+            let (pem, version) = kv.get_public_key(&obj.name, obj.version.as_deref()).await?;
+            Ok(Fetched {
+                value: SecretBytes::new(pem),
+                content_type: None,
+                version,
+            })
+        }
     }
 }
 
@@ -224,7 +232,7 @@ fn to_files(obj: &ObjectSpec, f: &Fetched, split: bool) -> Result<Vec<FileSpec>,
         uid: obj.uid,
         gid: obj.gid,
     };
-    if obj.kind == ObjectKind::Cert {
+    if matches!(obj.kind, ObjectKind::Cert | ObjectKind::Key) {
         return Ok(vec![file(obj.file.clone(), f.value.duplicate())]);
     }
     match (f.content_type.as_deref(), obj.format) {

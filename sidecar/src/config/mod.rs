@@ -109,6 +109,8 @@ impl IdentityChoice {
 pub enum ObjectKind {
     Secret,
     Cert,
+    /// The public half of a Key Vault key, as PEM (private keys never leave Key Vault).
+    Key,
 }
 
 /// One object to fetch and where it goes.
@@ -436,10 +438,7 @@ fn validate_object(r: RawObject) -> Result<ObjectSpec, ConfigError> {
     let kind = match r.object_type.as_deref().unwrap_or("secret") {
         "secret" => ObjectKind::Secret,
         "cert" => ObjectKind::Cert,
-        "key" => return Err(what(
-            "objectType key is not supported yet; fetch the key's certificate or secret instead"
-                .into(),
-        )),
+        "key" => ObjectKind::Key,
         other => {
             return Err(what(format!(
                 "objectType {other:?} is not secret, cert or key"
@@ -619,8 +618,8 @@ mod tests {
                 .contains("anyone write")
         );
         assert!(
-            bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectType: key\n")
-                .contains("not supported")
+            bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectType: blob\n")
+                .contains("not secret, cert or key")
         );
         assert!(bad("vaultUrl: http://kv\nobjects:\n  - objectName: a\n").contains("https"));
         assert!(

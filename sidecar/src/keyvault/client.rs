@@ -105,6 +105,20 @@ impl KeyVault {
 
     /// One read with retries; a response that does not parse counts as a failed attempt
     /// (a proxy or an outage can truncate a body) and is retried too.
+    /// `GET /keys/{name}[/{version}]`: the public key as PEM.
+    pub async fn get_public_key(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<(Vec<u8>, String), KvError> {
+        let path = match version {
+            Some(v) => format!("keys/{name}/{v}"),
+            None => format!("keys/{name}"),
+        };
+        self.get_with_retries(&path, name, |body| parse_key(name, body))
+            .await
+    }
+
     async fn get_with_retries<T>(
         &self,
         path: &str,
@@ -278,6 +292,32 @@ fn parse_secret(name: &str, body: &[u8]) -> Result<SecretBundle, KvError> {
         version,
         content_type: b.content_type,
     })
+}
+
+fn parse_key(name: &str, body: &[u8]) -> Result<(Vec<u8>, String), KvError> {
+    #[derive(serde::Deserialize)]
+    struct Bundle {
+        key: Option<super::jwk::Jwk>,
+    }
+    let b: Bundle = serde_json::from_slice(body).map_err(|e| malformed(name, &e.to_string()))?;
+    let jwk = b
+        .key
+        .ok_or_else(|| malformed(name, "no key in the response"))?;
+    let pem = super::jwk::public_pem(&jwk).map_err(|why| KvError::Service {
+        object: name.to_owned(),
+        status: Some(200),
+        code: None,
+        message: why,
+        transient: false,
+        retry_after: None,
+    })?;
+    let version = jwk
+        .kid
+        .as_deref()
+        .and_then(|id| id.rsplit('/').next())
+        .unwrap_or_default()
+        .to_owned();
+    Ok((pem, version))
 }
 
 fn parse_certificate(name: &str, body: &[u8]) -> Result<(Vec<u8>, String), KvError> {

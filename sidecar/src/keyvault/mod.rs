@@ -4,6 +4,7 @@
 pub mod challenge;
 pub mod client;
 pub mod error;
+pub mod jwk;
 
 pub use client::{KeyVault, RetryPolicy, SecretBundle};
 pub use error::KvError;
