@@ -315,9 +315,36 @@ impl Config {
         {
             return Err(invalid(format!("api version {api_version:?} is not valid")));
         }
+        if raw
+            .use_pod_identity
+            .as_ref()
+            .map(|b| b.parse("usePodIdentity"))
+            .transpose()
+            .map_err(invalid)?
+            .unwrap_or(false)
+        {
+            return Err(invalid(
+                "usePodIdentity: AAD Pod Identity is deprecated and not supported; use workload \
+                 identity (remove usePodIdentity, label the pod azure.workload.identity/use)",
+            ));
+        }
+        if raw.cloud_env_file_name.is_some() {
+            return Err(invalid(
+                "cloudEnvFileName is not supported: for a custom cloud give vaultUrl, and set \
+                 AZURE_AUTHORITY_HOST to its Entra ID authority",
+            ));
+        }
+        let vm_identity = raw
+            .use_vm_managed_identity
+            .as_ref()
+            .map(|b| b.parse("useVMManagedIdentity"))
+            .transpose()
+            .map_err(invalid)?
+            .unwrap_or(false);
         let identity = match (o.identity, raw.identity) {
             (Some(i), _) => i,
             (None, Some(s)) => IdentityChoice::parse(&s)?,
+            (None, None) if vm_identity => IdentityChoice::Imds,
             (None, None) => IdentityChoice::Auto,
         };
         let disable_verify = o.disable_challenge_resource_verification
@@ -363,7 +390,10 @@ impl Config {
             vault_url,
             cloud,
             tenant_id: o.tenant_id.or(raw.tenant_id),
-            client_id: o.client_id.or(raw.client_id),
+            client_id: o
+                .client_id
+                .or(raw.client_id)
+                .or(raw.user_assigned_identity_id),
             identity,
             objects,
             output_dir,
@@ -427,6 +457,13 @@ fn parse_secret_flag(s: &str) -> Result<RawObject, ConfigError> {
 fn validate_object(r: RawObject) -> Result<ObjectSpec, ConfigError> {
     let name = r.object_name;
     let what = |msg: String| invalid(format!("object {name:?}: {msg}"));
+    if r.object_version_history.is_some() {
+        return Err(what(
+            "objectVersionHistory is not supported: list each version you need as its own \
+             object with objectVersion and objectAlias"
+                .into(),
+        ));
+    }
     if name.is_empty()
         || name.len() > 127
         || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
@@ -567,6 +604,34 @@ mod tests {
         assert_eq!(c.vault_url.as_str(), "https://kv1.vault.azure.cn/");
         assert_eq!(c.cloud.authority_host, "https://login.chinacloudapi.cn");
         assert_eq!(c.objects[0].name, "s1");
+    }
+
+    #[test]
+    fn csi_provider_parameters_are_mapped_or_refused() {
+        let spc = "keyvaultName: kv1\nuseVMManagedIdentity: \"true\"\nuserAssignedIdentityID: uai\nresourceGroup: rg\nsubscriptionId: sub\ntenantId: t\nobjects:\n  - objectName: a\n";
+        let c = from_yaml(spc, out()).unwrap();
+        assert_eq!(c.identity, IdentityChoice::Imds);
+        assert_eq!(c.client_id.as_deref(), Some("uai"));
+        let bad = |y: &str| from_yaml(y, out()).unwrap_err().to_string();
+        assert!(
+            bad("keyvaultName: kv1\nusePodIdentity: \"true\"\nobjects:\n  - objectName: a\n")
+                .contains("workload identity")
+        );
+        assert!(
+            bad("keyvaultName: kv1\ncloudEnvFileName: x.json\nobjects:\n  - objectName: a\n")
+                .contains("AZURE_AUTHORITY_HOST")
+        );
+        assert!(
+            bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectVersionHistory: 3\n")
+                .contains("objectVersionHistory")
+        );
+        assert!(
+            from_yaml(
+                "keyvaultName: kv1\nusePodIdentity: \"false\"\nobjects:\n  - objectName: a\n",
+                out()
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -26,6 +26,22 @@ pub struct RawConfig {
     pub disable_challenge_resource_verification: Option<BoolOrString>,
     pub notify: Option<RawNotify>,
     pub http_addr: Option<String>,
+    // CSI Azure provider parameters that a copied SecretProviderClass may carry: mapped
+    // where they mean something here, refused with a reason where they cannot work.
+    /// "true": use the node's IMDS identity (`--identity imds`).
+    #[serde(rename = "useVMManagedIdentity")]
+    pub use_vm_managed_identity: Option<BoolOrString>,
+    /// The user-assigned identity's client id for IMDS (same as `clientID`).
+    #[serde(rename = "userAssignedIdentityID")]
+    pub user_assigned_identity_id: Option<String>,
+    /// AAD Pod Identity, deprecated upstream: refused when "true".
+    pub use_pod_identity: Option<BoolOrString>,
+    /// A custom cloud's environment file: refused (give vaultUrl and AZURE_AUTHORITY_HOST).
+    pub cloud_env_file_name: Option<String>,
+    /// Informational in the CSI provider; accepted and ignored.
+    pub resource_group: Option<String>,
+    /// Informational in the CSI provider; accepted and ignored.
+    pub subscription_id: Option<String>,
 }
 
 /// CSI parameters are all strings ("true"); ours may be booleans too.
@@ -67,6 +83,8 @@ pub struct RawObject {
     pub file_permission: Option<String>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// CSI's "also write N older versions": not supported, refused with a hint.
+    pub object_version_history: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -65,6 +65,20 @@ pub(crate) fn handle(shared: &Shared, req: &Req) -> Response<Body> {
             shared.set_forbidden(name, false);
             empty_response(204)
         }
+        (&Method::PUT, ["keys", name]) => {
+            match serde_json::from_slice::<serde_json::Value>(&req.body) {
+                Ok(jwk) if jwk.is_object() => {
+                    let version = shared.put_key(name, crate::keys::public_jwk(jwk));
+                    json_response(200, &json!({ "version": version }))
+                }
+                Ok(_) => bad("not a JWK: the body must be a JSON object".into()),
+                Err(e) => bad(format!("not a JWK: {e}")),
+            }
+        }
+        (&Method::DELETE, ["keys", name]) => {
+            shared.delete_key(name);
+            empty_response(204)
+        }
         (&Method::POST, ["tokens", "revoke"]) => {
             shared.revoke_tokens();
             empty_response(204)

@@ -258,7 +258,7 @@ fn route(kind: Listener, method: &Method, path: &str) -> Option<Endpoint> {
             }
         }
         Listener::Https => {
-            if path == "/secrets" || path.starts_with("/secrets/") {
+            if vault::is_vault_path(path) {
                 Some(vault::endpoint(method, path))
             } else if entra::is_token_path(path) {
                 Some(Endpoint::Token)
@@ -383,6 +383,8 @@ fn handle(shared: &Shared, endpoint: Endpoint, req: &Req) -> Response<Body> {
         | Endpoint::VaultListVersions
         | Endpoint::VaultList
         | Endpoint::VaultSet
+        | Endpoint::VaultGetCertificate
+        | Endpoint::VaultGetKey
         | Endpoint::VaultOther => vault::handle(shared, endpoint, req),
         Endpoint::Unknown => json_response(
             404,

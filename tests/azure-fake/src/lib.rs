@@ -1,15 +1,28 @@
 //! `azure-fake`: a local server speaking the real wire protocols of Azure Key Vault
-//! (secrets), Entra ID's v2.0 token endpoint (client credentials: workload identity,
+//! (secrets, certificates, keys: reads), Entra ID's v2.0 token endpoint (client credentials: workload identity,
 //! certificate, secret), Azure IMDS and Azure Arc HIMDS, for integration tests that cannot
 //! reach Azure.
 //!
 //! Two listeners on 127.0.0.1, both served by a dedicated thread (so a test that blocks its
 //! own runtime, e.g. waiting on a child process, does not starve the fake):
 //! - HTTPS (`https://localhost:PORT`, certificate from a throw-away test CA, HTTP/1.1 and
-//!   HTTP/2 by ALPN): Key Vault under `/secrets` and Entra ID under `/{tenant}/...`.
+//!   HTTP/2 by ALPN): Key Vault under `/secrets`, `/certificates` and `/keys`, and Entra ID
+//!   under `/{tenant}/...`.
 //! - plain HTTP (`http://127.0.0.1:PORT2`): IMDS at `/metadata/identity/oauth2/token`, Arc
 //!   HIMDS at `/arc/metadata/identity/oauth2/token`, and the `/_fake/` admin API used by
 //!   tests that run the binary (below).
+//!
+//! Key Vault objects:
+//! - secrets: [`FakeAzure::set_secret`] and the vault's own `PUT /secrets/{name}`; read with
+//!   `GET /secrets/{name}[/{version}]`, listed with `GET /secrets[/{name}/versions]`.
+//! - certificates: a secret stored through the fake's API (not the vault's `PUT`) with content
+//!   type `application/x-pem-file` or `application/x-pkcs12` backs a certificate of the same
+//!   name and version, as in Key Vault: `GET /certificates/{name}[/{version}]` answers its
+//!   CertificateBundle (`cer` is the leaf: the PEM's first `CERTIFICATE` block, or the
+//!   PKCS#12's certificate for its key; the PKCS#12 is base64 with an empty password).
+//! - keys: [`FakeAzure::set_key`] (public JWK members), and the keys of certificates (same
+//!   name and version, `managed: true`); `GET /keys/{name}[/{version}]` answers the
+//!   KeyBundle.
 //!
 //! Admin API (`admin_endpoint()`, i.e. `http://127.0.0.1:PORT2/_fake`):
 //!
@@ -23,6 +36,8 @@
 //! | `PUT /_fake/secrets/{name}`, body `{"value", "contentType"?}` | [`FakeAzure::set_secret`]; answers `{"version"}` |
 //! | `DELETE /_fake/secrets/{name}` | [`FakeAzure::delete_secret`] |
 //! | `POST /_fake/secrets/{name}/forbid`, `.../allow` | [`FakeAzure::forbid`], [`FakeAzure::allow`] |
+//! | `PUT /_fake/keys/{name}`, body a public JWK | [`FakeAzure::set_key`]; answers `{"version"}` |
+//! | `DELETE /_fake/keys/{name}` | [`FakeAzure::delete_key`] |
 //! | `POST /_fake/tokens/revoke` | [`FakeAzure::revoke_tokens`] |
 //!
 //! ```no_run
@@ -37,9 +52,11 @@
 //! ```
 
 mod admin;
+mod certificates;
 mod entra;
 mod http;
 mod imds;
+mod keys;
 mod model;
 mod state;
 mod tls;
@@ -464,12 +481,39 @@ impl FakeAzure {
             .unwrap_or_default()
     }
 
-    /// Removes `name` and all its versions (later reads get 404 SecretNotFound).
+    /// Removes `name` and all its versions (later reads get 404 SecretNotFound, and
+    /// CertificateNotFound for the certificate it backed).
     pub fn delete_secret(&self, name: &str) {
         self.shared.delete_secret(name);
     }
 
-    /// Makes every request for `name` answer 403 Forbidden / ForbiddenByRbac.
+    /// Adds a new version of key `name` (creating the key) and returns the version id (32 hex
+    /// chars). `jwk` is a JSON Web Key as Key Vault returns it: `kty` (`RSA`, `RSA-HSM`,
+    /// `EC`, `EC-HSM`, ...), `n`/`e` or `crv`/`x`/`y` (base64url without padding), and
+    /// optionally `key_ops` (default: what Key Vault gives a new key of that type). Private
+    /// members (`d`, `p`, `q`, ...) and `kid` are dropped; the fake does not check the rest,
+    /// so tests can serve malformed keys too. A key set here hides the key of a certificate
+    /// with the same name.
+    pub fn set_key(&self, name: &str, jwk: serde_json::Value) -> String {
+        self.shared.put_key(name, keys::public_jwk(jwk))
+    }
+
+    /// Version ids of key `name` set with [`FakeAzure::set_key`], oldest first.
+    pub fn key_versions(&self, name: &str) -> Vec<String> {
+        self.shared
+            .key(name)
+            .map(|k| k.versions.into_iter().map(|v| v.version).collect())
+            .unwrap_or_default()
+    }
+
+    /// Removes key `name` set with [`FakeAzure::set_key`] and all its versions (later reads
+    /// get 404 KeyNotFound, unless a certificate of that name has a key).
+    pub fn delete_key(&self, name: &str) {
+        self.shared.delete_key(name);
+    }
+
+    /// Makes every request for `name` (secret, certificate or key) answer 403 Forbidden /
+    /// ForbiddenByRbac.
     pub fn forbid(&self, name: &str) {
         self.shared.set_forbidden(name, true);
     }

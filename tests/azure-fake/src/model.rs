@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
-    /// Key Vault (`/secrets...` on the HTTPS listener).
+    /// Key Vault (`/secrets...`, `/certificates...` and `/keys...` on the HTTPS listener).
     Vault,
     /// Entra ID's token endpoint (`POST /{tenant}/oauth2/v2.0/token`). OpenID discovery is not
     /// affected by `Token` faults, only by `All`.
@@ -145,6 +145,10 @@ pub enum Endpoint {
     VaultList,
     /// `PUT /secrets/{name}`
     VaultSet,
+    /// `GET /certificates/{name}` and `GET /certificates/{name}/{version}`
+    VaultGetCertificate,
+    /// `GET /keys/{name}` and `GET /keys/{name}/{version}`
+    VaultGetKey,
     /// Any other request to the vault (unknown path or method)
     VaultOther,
     /// Anything else that was not the admin API
@@ -162,6 +166,8 @@ impl Endpoint {
             | Endpoint::VaultListVersions
             | Endpoint::VaultList
             | Endpoint::VaultSet
+            | Endpoint::VaultGetCertificate
+            | Endpoint::VaultGetKey
             | Endpoint::VaultOther => Some(Target::Vault),
             Endpoint::OpenIdConfiguration | Endpoint::Unknown => None,
         }
@@ -279,6 +285,16 @@ impl Stats {
     /// `GET /secrets/{name}[/{version}]` requests.
     pub fn vault_get_requests(&self) -> u64 {
         self.requests_to(Endpoint::VaultGet)
+    }
+
+    /// `GET /certificates/{name}[/{version}]` requests.
+    pub fn certificate_get_requests(&self) -> u64 {
+        self.requests_to(Endpoint::VaultGetCertificate)
+    }
+
+    /// `GET /keys/{name}[/{version}]` requests.
+    pub fn key_get_requests(&self) -> u64 {
+        self.requests_to(Endpoint::VaultGetKey)
     }
 
     /// All vault requests (any vault endpoint).

@@ -1,4 +1,4 @@
-//! Shared mutable state: secrets, issued tokens, Arc challenge secrets, faults and statistics.
+//! Shared mutable state: secrets, keys, issued tokens, Arc challenge secrets, faults and statistics.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -95,6 +95,24 @@ pub(crate) struct NewVersion {
     pub managed: bool,
 }
 
+/// One version of a key created with [`crate::FakeAzure::set_key`].
+#[derive(Debug, Clone)]
+pub(crate) struct KeyVersion {
+    pub version: String,
+    /// The public JSON Web Key, without `kid` (added when served).
+    pub jwk: serde_json::Map<String, serde_json::Value>,
+    pub created: u64,
+    pub updated: u64,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Key {
+    /// Name as first created (Key Vault names are case-insensitive).
+    pub name: String,
+    /// Oldest first; the last one is the current version.
+    pub versions: Vec<KeyVersion>,
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct IssuedToken {
     pub resource: String,
@@ -121,6 +139,7 @@ struct ActiveFault {
 #[derive(Debug, Default)]
 struct Inner {
     secrets: BTreeMap<String, Secret>,
+    keys: BTreeMap<String, Key>,
     forbidden: BTreeSet<String>,
     tokens: HashMap<String, IssuedToken>,
     /// Arc challenge secret -> key file written for it.
@@ -232,6 +251,38 @@ impl Shared {
     /// All secrets, in name order.
     pub fn secrets(&self) -> Vec<Secret> {
         self.lock().secrets.values().cloned().collect()
+    }
+
+    // ---- keys ----
+
+    pub fn put_key(&self, name: &str, jwk: serde_json::Map<String, serde_json::Value>) -> String {
+        let now = unix_now();
+        let version = KeyVersion {
+            version: random_hex(16),
+            jwk,
+            created: now,
+            updated: now,
+        };
+        let id = version.version.clone();
+        let mut inner = self.lock();
+        inner
+            .keys
+            .entry(name.to_ascii_lowercase())
+            .or_insert_with(|| Key {
+                name: name.to_owned(),
+                versions: Vec::new(),
+            })
+            .versions
+            .push(version);
+        id
+    }
+
+    pub fn delete_key(&self, name: &str) {
+        self.lock().keys.remove(&name.to_ascii_lowercase());
+    }
+
+    pub fn key(&self, name: &str) -> Option<Key> {
+        self.lock().keys.get(&name.to_ascii_lowercase()).cloned()
     }
 
     // ---- tokens ----

@@ -1,4 +1,6 @@
-//! Key Vault secrets: get, get version, list versions, list, set.
+//! Key Vault: secrets (get, get version, list versions, list, set), and the common request
+//! checks (api-version, bearer token, object name) of every vault endpoint. Certificates
+//! and keys are read in [`crate::certificates`] and [`crate::keys`].
 
 use std::collections::BTreeMap;
 
@@ -11,6 +13,7 @@ use serde_json::{Map, Value, json};
 use crate::http::{Body, Req, json_response, status_code_name, with_header};
 use crate::model::Endpoint;
 use crate::state::{NewVersion, Secret, SecretVersion, Shared};
+use crate::{certificates, keys};
 
 /// API versions the fake accepts (the stable ones, plus anything ending in `-preview`).
 pub const API_VERSIONS: &[&str] = &[
@@ -31,10 +34,47 @@ const MAX_PAGE: usize = 25;
 /// Largest secret value Key Vault stores (25 KiB).
 const MAX_VALUE_BYTES: usize = 25 * 1024;
 
-/// Path segments after `/secrets`, an empty trailing segment removed (SDKs send
-/// `/secrets/{name}/` when they ask for the latest version).
+/// The object collections of a vault the fake serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Collection {
+    Secrets,
+    Certificates,
+    Keys,
+}
+
+impl Collection {
+    /// The path segment, which is also the collection's name in RBAC actions and resource ids.
+    pub fn segment(self) -> &'static str {
+        match self {
+            Collection::Secrets => "secrets",
+            Collection::Certificates => "certificates",
+            Collection::Keys => "keys",
+        }
+    }
+
+    fn of(path: &str) -> Option<(Collection, &str)> {
+        [
+            Collection::Secrets,
+            Collection::Certificates,
+            Collection::Keys,
+        ]
+        .into_iter()
+        .find_map(|c| {
+            let rest = path.strip_prefix('/')?.strip_prefix(c.segment())?;
+            (rest.is_empty() || rest.starts_with('/')).then_some((c, rest))
+        })
+    }
+}
+
+/// Whether a path on the HTTPS listener belongs to Key Vault.
+pub(crate) fn is_vault_path(path: &str) -> bool {
+    Collection::of(path).is_some()
+}
+
+/// Path segments after `/secrets` (`/certificates`, `/keys`), an empty trailing segment
+/// removed (SDKs send `/secrets/{name}/` when they ask for the latest version).
 fn segments(path: &str) -> Vec<&str> {
-    let rest = path.strip_prefix("/secrets").unwrap_or(path);
+    let rest = Collection::of(path).map_or(path, |(_, rest)| rest);
     let mut segs: Vec<&str> = rest.split('/').skip(1).collect();
     if segs.last() == Some(&"") {
         segs.pop();
@@ -42,13 +82,31 @@ fn segments(path: &str) -> Vec<&str> {
     segs
 }
 
+/// Sub-resources of a certificate or key that are not versions (served by Key Vault, not by
+/// the fake).
+fn is_version(seg: &str) -> bool {
+    !matches!(
+        seg,
+        "versions" | "policy" | "pending" | "backup" | "rotationpolicy"
+    )
+}
+
 pub(crate) fn endpoint(method: &Method, path: &str) -> Endpoint {
+    let Some((collection, _)) = Collection::of(path) else {
+        return Endpoint::VaultOther;
+    };
     let segs = segments(path);
-    match (method, segs.as_slice()) {
-        (&Method::GET, []) => Endpoint::VaultList,
-        (&Method::GET, [_, "versions"]) => Endpoint::VaultListVersions,
-        (&Method::GET, [_]) | (&Method::GET, [_, _]) => Endpoint::VaultGet,
-        (&Method::PUT, [_]) => Endpoint::VaultSet,
+    match (collection, method, segs.as_slice()) {
+        (Collection::Secrets, &Method::GET, []) => Endpoint::VaultList,
+        (Collection::Secrets, &Method::GET, [_, "versions"]) => Endpoint::VaultListVersions,
+        (Collection::Secrets, &Method::GET, [_] | [_, _]) => Endpoint::VaultGet,
+        (Collection::Secrets, &Method::PUT, [_]) => Endpoint::VaultSet,
+        (Collection::Certificates, &Method::GET, [_]) => Endpoint::VaultGetCertificate,
+        (Collection::Certificates, &Method::GET, [_, v]) if is_version(v) => {
+            Endpoint::VaultGetCertificate
+        }
+        (Collection::Keys, &Method::GET, [_]) => Endpoint::VaultGetKey,
+        (Collection::Keys, &Method::GET, [_, v]) if is_version(v) => Endpoint::VaultGetKey,
         _ => Endpoint::VaultOther,
     }
 }
@@ -71,7 +129,7 @@ fn error_body(code: &str, message: &str, inner: Option<&str>) -> Value {
     json!({ "error": Value::Object(err) })
 }
 
-fn error(status: u16, code: &str, message: &str, inner: Option<&str>) -> Response<Body> {
+pub(crate) fn error(status: u16, code: &str, message: &str, inner: Option<&str>) -> Response<Body> {
     json_response(status, &error_body(code, message, inner))
 }
 
@@ -138,19 +196,38 @@ fn valid_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
-fn not_found(shared: &Shared, what: &str) -> Response<Body> {
-    let _ = shared;
+/// 404 `SecretNotFound` / `CertificateNotFound` / `KeyNotFound`, worded as Key Vault does.
+pub(crate) fn not_found(collection: Collection, what: &str) -> Response<Body> {
+    let (code, kind) = match collection {
+        Collection::Secrets => ("SecretNotFound", "secret"),
+        Collection::Certificates => ("CertificateNotFound", "certificate"),
+        Collection::Keys => ("KeyNotFound", "key"),
+    };
     error(
         404,
-        "SecretNotFound",
+        code,
         &format!(
-            "A secret with (name/id) {what} was not found in this key vault. If you recently deleted this secret you may be able to recover it using the correct recovery command. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182"
+            "A {kind} with (name/id) {what} was not found in this key vault. If you recently deleted this {kind} you may be able to recover it using the correct recovery command. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182"
         ),
         None,
     )
 }
 
-fn forbidden(shared: &Shared, action: &str, name: &str) -> Response<Body> {
+/// `name` or `name/version`, as Key Vault names the object in its messages.
+pub(crate) fn name_and_version(name: &str, version: Option<&str>) -> String {
+    match version {
+        Some(v) => format!("{name}/{v}"),
+        None => name.to_owned(),
+    }
+}
+
+/// 403 `Forbidden` / `ForbiddenByRbac` for `Microsoft.KeyVault/vaults/{collection}/{action}`.
+pub(crate) fn forbidden(
+    shared: &Shared,
+    collection: Collection,
+    action: &str,
+    name: &str,
+) -> Response<Body> {
     let host = shared
         .vault_url
         .strip_prefix("https://")
@@ -159,29 +236,36 @@ fn forbidden(shared: &Shared, action: &str, name: &str) -> Response<Body> {
         403,
         "Forbidden",
         &format!(
-            "Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments or role definitions were changed recently, please observe propagation time.\r\nCaller: appid={client};oid={oid};iss=https://sts.windows.net/{tenant}/\r\nAction: 'Microsoft.KeyVault/vaults/secrets/{action}'\r\nResource: '/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/azure-fake/providers/microsoft.keyvault/vaults/azure-fake/secrets/{name}'\r\nAssignment: (not found)\r\nDenyAssignmentId: null\r\nDecisionReason: null \r\nVault: {host};location=local\r\n",
+            "Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments or role definitions were changed recently, please observe propagation time.\r\nCaller: appid={client};oid={oid};iss=https://sts.windows.net/{tenant}/\r\nAction: 'Microsoft.KeyVault/vaults/{collection}/{action}'\r\nResource: '/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/azure-fake/providers/microsoft.keyvault/vaults/azure-fake/{collection}/{name}'\r\nAssignment: (not found)\r\nDenyAssignmentId: null\r\nDecisionReason: null \r\nVault: {host};location=local\r\n",
             client = shared.opts.client_id,
             oid = shared.object_id,
             tenant = shared.opts.tenant_id,
+            collection = collection.segment(),
             name = name.to_ascii_lowercase(),
         ),
         Some("ForbiddenByRbac"),
     )
 }
 
-fn attributes(v: &SecretVersion) -> Value {
+/// Timestamps and recovery settings every object's `attributes` carry.
+pub(crate) fn base_attributes(enabled: bool, created: u64, updated: u64) -> Map<String, Value> {
     let mut a = Map::new();
-    a.insert("enabled".into(), Value::from(v.enabled));
+    a.insert("enabled".into(), Value::from(enabled));
+    a.insert("created".into(), Value::from(created));
+    a.insert("updated".into(), Value::from(updated));
+    a.insert("recoveryLevel".into(), Value::from("Recoverable+Purgeable"));
+    a.insert("recoverableDays".into(), Value::from(90));
+    a
+}
+
+fn attributes(v: &SecretVersion) -> Value {
+    let mut a = base_attributes(v.enabled, v.created, v.updated);
     if let Some(nbf) = v.nbf {
         a.insert("nbf".into(), Value::from(nbf));
     }
     if let Some(exp) = v.exp {
         a.insert("exp".into(), Value::from(exp));
     }
-    a.insert("created".into(), Value::from(v.created));
-    a.insert("updated".into(), Value::from(v.updated));
-    a.insert("recoveryLevel".into(), Value::from("Recoverable+Purgeable"));
-    a.insert("recoverableDays".into(), Value::from(90));
     Value::Object(a)
 }
 
@@ -267,6 +351,8 @@ pub(crate) fn handle(shared: &Shared, endpoint: Endpoint, req: &Req) -> Response
     }
     match endpoint {
         Endpoint::VaultGet => get(shared, &segs),
+        Endpoint::VaultGetCertificate => certificates::get(shared, &segs),
+        Endpoint::VaultGetKey => keys::get(shared, &segs),
         Endpoint::VaultListVersions => list_versions(shared, req, &segs, &api_version),
         Endpoint::VaultList => list(shared, req, &api_version),
         Endpoint::VaultSet => set(shared, req, &segs),
@@ -286,14 +372,11 @@ fn get(shared: &Shared, segs: &[&str]) -> Response<Body> {
     let name = segs.first().copied().unwrap_or_default();
     let version = segs.get(1).copied();
     if shared.is_forbidden(name) {
-        return forbidden(shared, "getSecret/action", name);
+        return forbidden(shared, Collection::Secrets, "getSecret/action", name);
     }
-    let what = match version {
-        Some(v) => format!("{name}/{v}"),
-        None => name.to_owned(),
-    };
+    let what = name_and_version(name, version);
     let Some(secret) = shared.secret(name) else {
-        return not_found(shared, &what);
+        return not_found(Collection::Secrets, &what);
     };
     let found = match version {
         None => secret.versions.last(),
@@ -303,7 +386,7 @@ fn get(shared: &Shared, segs: &[&str]) -> Response<Body> {
             .find(|x| x.version.eq_ignore_ascii_case(v)),
     };
     let Some(v) = found else {
-        return not_found(shared, &what);
+        return not_found(Collection::Secrets, &what);
     };
     if !v.enabled {
         return error(
@@ -386,14 +469,14 @@ fn page(
 fn list_versions(shared: &Shared, req: &Req, segs: &[&str], api_version: &str) -> Response<Body> {
     let name = segs.first().copied().unwrap_or_default();
     if shared.is_forbidden(name) {
-        return forbidden(shared, "readMetadata/action", name);
+        return forbidden(shared, Collection::Secrets, "readMetadata/action", name);
     }
     let (offset, max) = match paging(req) {
         Ok(p) => p,
         Err(resp) => return *resp,
     };
     let Some(secret) = shared.secret(name) else {
-        return not_found(shared, name);
+        return not_found(Collection::Secrets, name);
     };
     let items = secret
         .versions
@@ -441,7 +524,7 @@ struct SetAttributes {
 fn set(shared: &Shared, req: &Req, segs: &[&str]) -> Response<Body> {
     let name = segs.first().copied().unwrap_or_default();
     if shared.is_forbidden(name) {
-        return forbidden(shared, "setSecret/action", name);
+        return forbidden(shared, Collection::Secrets, "setSecret/action", name);
     }
     let body: SetBody = match serde_json::from_slice(&req.body) {
         Ok(b) => b,
@@ -480,7 +563,7 @@ fn set(shared: &Shared, req: &Req, segs: &[&str]) -> Response<Body> {
         },
     );
     let Some(secret) = shared.secret(name) else {
-        return not_found(shared, name);
+        return not_found(Collection::Secrets, name);
     };
     json_response(200, &bundle(shared, &secret, &v))
 }

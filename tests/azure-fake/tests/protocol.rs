@@ -1248,3 +1248,626 @@ async fn admin_api_controls_the_fake() {
     // Admin calls are not counted.
     assert!(s["endpoints"].get("unknown").is_none());
 }
+
+// ------------------------------------------------------- Key Vault certificates and keys
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+const B64URL: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    B64URL.encode(bytes)
+}
+
+fn unb64url(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    B64URL.decode(s).unwrap()
+}
+
+/// A test CA and an EC P-256 leaf certificate it signed (SAN `leaf.example`): `(leaf key,
+/// leaf, CA)`.
+fn ec_chain(cn: &str) -> (rcgen::KeyPair, rcgen::Certificate, rcgen::Certificate) {
+    use rcgen::{CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.distinguished_name = rcgen::DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{cn} CA"));
+    ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["leaf.example".to_owned()]).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    let leaf = params
+        .signed_by(&leaf_key, &Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
+    (leaf_key, leaf, ca)
+}
+
+fn run_openssl(dir: &std::path::Path, args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// An RSA-2048 leaf signed by a CA, exported with openssl as Key Vault stores a PFX (base64,
+/// empty password, the CA in the bag too): `(base64 PFX, leaf DER, modulus)`.
+fn rsa_pkcs12(dir: &std::path::Path) -> (String, Vec<u8>, Vec<u8>) {
+    use base64::Engine as _;
+    let o = |args: &[&str]| run_openssl(dir, args);
+    o(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=pfx CA",
+        "-days",
+        "2",
+    ]);
+    o(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=pfx leaf",
+    ]);
+    o(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+    ]);
+    // The CA first in the bag: the leaf is the certificate that goes with the key.
+    o(&[
+        "pkcs12",
+        "-export",
+        "-inkey",
+        "leaf.key",
+        "-in",
+        "leaf.pem",
+        "-certfile",
+        "ca.pem",
+        "-passout",
+        "pass:",
+        "-out",
+        "leaf.p12",
+    ]);
+    let der = o(&["x509", "-in", "leaf.pem", "-outform", "der"]);
+    let modulus = String::from_utf8(o(&["x509", "-in", "leaf.pem", "-noout", "-modulus"])).unwrap();
+    let hex = modulus.trim().strip_prefix("Modulus=").unwrap();
+    let n: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    let pfx = std::fs::read(dir.join("leaf.p12")).unwrap();
+    (B64.encode(pfx), der, n)
+}
+
+fn x5t(der: &[u8]) -> String {
+    use sha1::Digest as _;
+    b64url(&sha1::Sha1::digest(der))
+}
+
+#[tokio::test]
+async fn certificates_of_pem_and_pkcs12_backed_secrets() {
+    use base64::Engine as _;
+    let (fake, client) = start(Options::default()).await;
+    let token = vault_token(&fake, &client).await;
+    let vault = fake.vault_url();
+
+    // PEM: key, leaf, CA. The certificate is the leaf.
+    let (key, leaf, ca) = ec_chain("pem leaf");
+    let pem = format!("{}{}{}", key.serialize_pem(), leaf.pem(), ca.pem());
+    let v1 = fake.set_secret("Web-Tls", &pem, Some("application/x-pem-file"));
+    for path in [
+        "/certificates/web-tls?api-version=7.5",
+        "/certificates/WEB-TLS/?api-version=7.6",
+    ] {
+        let r = vault_get(&client, &fake, path, &token).await;
+        assert_eq!(r.status, 200, "{path}: {:?}", r.json());
+        let b = r.json();
+        assert_eq!(
+            B64.decode(b["cer"].as_str().unwrap()).unwrap(),
+            leaf.der().to_vec()
+        );
+        assert_eq!(b["x5t"], x5t(leaf.der()));
+        assert_eq!(b["id"], format!("{vault}/certificates/Web-Tls/{v1}"));
+        assert_eq!(b["kid"], format!("{vault}/keys/Web-Tls/{v1}"));
+        assert_eq!(b["sid"], format!("{vault}/secrets/Web-Tls/{v1}"));
+        assert_eq!(b["contentType"], "application/x-pem-file");
+        let a = &b["attributes"];
+        assert_eq!(a["enabled"], true);
+        assert!(a["nbf"].as_i64().unwrap() < a["exp"].as_i64().unwrap());
+        assert!(a["created"].is_u64() && a["updated"].is_u64());
+        assert_eq!(a["recoveryLevel"], "Recoverable+Purgeable");
+        // The latest version comes with the policy.
+        let p = &b["policy"];
+        assert_eq!(p["id"], format!("{vault}/certificates/Web-Tls/policy"));
+        assert_eq!(p["key_props"]["kty"], "EC");
+        assert_eq!(p["key_props"]["crv"], "P-256");
+        assert_eq!(p["secret_props"]["contentType"], "application/x-pem-file");
+        assert_eq!(p["x509_props"]["subject"], "CN=pem leaf");
+        assert_eq!(
+            p["x509_props"]["sans"]["dns_names"],
+            json!(["leaf.example"])
+        );
+        assert!(b.get("value").is_none() && b.get("managed").is_none());
+    }
+    // The backing secret's kid now resolves.
+    let r = vault_get(&client, &fake, "/secrets/web-tls?api-version=7.5", &token).await;
+    assert_eq!(r.json()["kid"], format!("{vault}/keys/Web-Tls/{v1}"));
+
+    // A second version: latest changes, the first stays reachable (without policy).
+    let (_, leaf2, _) = ec_chain("second");
+    let v2 = fake.set_secret("web-tls", &leaf2.pem(), Some("application/x-pem-file"));
+    let r = vault_get(
+        &client,
+        &fake,
+        "/certificates/web-tls?api-version=7.5",
+        &token,
+    )
+    .await;
+    assert_eq!(r.json()["x5t"], x5t(leaf2.der()));
+    assert_eq!(r.json()["id"], format!("{vault}/certificates/Web-Tls/{v2}"));
+    let r = vault_get(
+        &client,
+        &fake,
+        &format!(
+            "/certificates/web-tls/{}?api-version=7.5",
+            v1.to_uppercase()
+        ),
+        &token,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let b = r.json();
+    assert_eq!(b["x5t"], x5t(leaf.der()));
+    assert!(b.get("policy").is_none(), "no policy for a version: {b}");
+
+    // PKCS#12 from openssl, RSA, with its CA in the bag.
+    let dir = tempfile::tempdir().unwrap();
+    let (pfx, der, modulus) = rsa_pkcs12(dir.path());
+    let v = fake.set_secret("pfx", &pfx, Some("application/x-pkcs12"));
+    let r = vault_get(
+        &client,
+        &fake,
+        &format!("/certificates/pfx/{v}?api-version=7.5"),
+        &token,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let b = r.json();
+    assert_eq!(B64.decode(b["cer"].as_str().unwrap()).unwrap(), der);
+    assert_eq!(b["x5t"], x5t(&der));
+    assert_eq!(b["contentType"], "application/x-pkcs12");
+    let r = vault_get(&client, &fake, "/certificates/pfx?api-version=7.5", &token).await;
+    let p = &r.json()["policy"];
+    assert_eq!(p["key_props"]["kty"], "RSA");
+    assert_eq!(p["key_props"]["key_size"], 2048);
+    assert_eq!(p["x509_props"]["subject"], "CN=pfx leaf");
+
+    // Its key, and the PEM certificate's key.
+    let r = vault_get(&client, &fake, "/keys/pfx?api-version=7.5", &token).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let b = r.json();
+    assert_eq!(b["key"]["kid"], format!("{vault}/keys/pfx/{v}"));
+    assert_eq!(b["key"]["kty"], "RSA");
+    assert_eq!(unb64url(b["key"]["n"].as_str().unwrap()), modulus);
+    assert_eq!(b["key"]["e"], "AQAB");
+    assert!(b["key"].get("d").is_none());
+    assert_eq!(b["managed"], true);
+    assert!(b["attributes"]["exp"].is_i64());
+    let r = vault_get(
+        &client,
+        &fake,
+        &format!("/keys/web-tls/{v1}?api-version=7.5"),
+        &token,
+    )
+    .await;
+    let k = &r.json()["key"];
+    let point = key.public_key_raw();
+    assert_eq!(k["kty"], "EC");
+    assert_eq!(k["crv"], "P-256");
+    assert_eq!(k["x"], b64url(&point[1..33]));
+    assert_eq!(k["y"], b64url(&point[33..]));
+    assert_eq!(k["key_ops"], json!(["sign", "verify"]));
+
+    let st = fake.stats();
+    assert_eq!(st.certificate_get_requests(), 6);
+    assert_eq!(st.key_get_requests(), 2);
+    assert_eq!(st.responses(Endpoint::VaultGetCertificate, 200), 6);
+    assert_eq!(
+        st.vault_get_requests(),
+        1,
+        "certificate reads are not secret reads"
+    );
+}
+
+#[tokio::test]
+async fn certificate_errors_and_faults() {
+    let (fake, client) = start(Options::default()).await;
+    let token = vault_token(&fake, &client).await;
+    let (_, leaf, _) = ec_chain("c");
+    fake.set_secret("c", &leaf.pem(), Some("application/x-pem-file"));
+
+    // Unauthenticated: the challenge, as for secrets.
+    let r = client
+        .get(
+            &format!("{}/certificates/c?api-version=7.5", fake.vault_url()),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("www-authenticate").unwrap(),
+        fake.vault_challenge()
+    );
+    let r = vault_get(&client, &fake, "/certificates/c", &token).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "BadParameter");
+
+    let r = vault_get(&client, &fake, "/certificates/nope?api-version=7.5", &token).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["code"], "CertificateNotFound");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("A certificate with (name/id) nope was not found in this key vault.")
+    );
+    let r = vault_get(
+        &client,
+        &fake,
+        "/certificates/c/0123456789abcdef0123456789abcdef?api-version=7.5",
+        &token,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("(name/id) c/0123456789abcdef0123456789abcdef")
+    );
+    // A plain secret, and one PUT through the vault with a certificate content type, back
+    // no certificate (Key Vault only makes those through the certificate API).
+    fake.set_secret("plain", "v", Some("text/plain"));
+    let auth = format!("Bearer {token}");
+    let r = client
+        .send(
+            Method::PUT,
+            &format!("{}/secrets/put-pem?api-version=7.5", fake.vault_url()),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            Some(
+                json!({"value": leaf.pem(), "contentType": "application/x-pem-file"})
+                    .to_string()
+                    .into_bytes(),
+            ),
+            Proto::H1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    for name in ["plain", "put-pem"] {
+        let r = vault_get(
+            &client,
+            &fake,
+            &format!("/certificates/{name}?api-version=7.5"),
+            &token,
+        )
+        .await;
+        assert_eq!(r.status, 404, "{name}");
+        assert_eq!(r.json()["error"]["code"], "CertificateNotFound");
+    }
+    // The latest certificate is the latest certificate-backed version.
+    let v_cert = fake.secret_versions("c")[0].clone();
+    fake.set_secret("c", "not a certificate any more", None);
+    let r = vault_get(&client, &fake, "/certificates/c?api-version=7.5", &token).await;
+    assert_eq!(
+        r.json()["id"],
+        format!("{}/certificates/c/{v_cert}", fake.vault_url())
+    );
+
+    // A value that is not what its content type says: a 500 that explains.
+    fake.set_secret("junk", "data", Some("application/x-pkcs12"));
+    fake.set_secret("junk-pem", "no blocks", Some("application/x-pem-file"));
+    for name in ["junk", "junk-pem"] {
+        let r = vault_get(
+            &client,
+            &fake,
+            &format!("/certificates/{name}?api-version=7.5"),
+            &token,
+        )
+        .await;
+        assert_eq!(r.status, 500, "{name}");
+        let m = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(m.contains("holds no usable certificate"), "{m}");
+    }
+
+    fake.forbid("c");
+    let r = vault_get(&client, &fake, "/certificates/c?api-version=7.5", &token).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"]["innererror"]["code"], "ForbiddenByRbac");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Action: 'Microsoft.KeyVault/vaults/certificates/read'")
+    );
+    fake.allow("c");
+
+    // Faults aimed at the vault hit certificate reads too.
+    fake.inject(Fault::Throttle {
+        target: Target::Vault,
+        retry_after_secs: 2,
+        retry_after_ms: None,
+        count: 1,
+    });
+    let r = vault_get(&client, &fake, "/certificates/c?api-version=7.5", &token).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after").as_deref(), Some("2"));
+    assert_eq!(
+        vault_get(&client, &fake, "/certificates/c?api-version=7.5", &token)
+            .await
+            .status,
+        200
+    );
+
+    // What the fake does not serve.
+    let r = vault_get(
+        &client,
+        &fake,
+        "/certificates/c/versions?api-version=7.5",
+        &token,
+    )
+    .await;
+    assert_eq!(r.status, 405);
+    let r = vault_get(&client, &fake, "/certificates?api-version=7.5", &token).await;
+    assert_eq!(r.status, 405);
+    let r = vault_get(
+        &client,
+        &fake,
+        "/certificates/bad_name?api-version=7.5",
+        &token,
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let st = fake.stats();
+    assert_eq!(st.responses(Endpoint::VaultGetCertificate, 429), 1);
+    assert_eq!(st.responses(Endpoint::VaultOther, 405), 2);
+
+    // Deleting the secret deletes the certificate.
+    fake.delete_secret("c");
+    assert_eq!(
+        vault_get(&client, &fake, "/certificates/c?api-version=7.5", &token)
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn keys_set_with_jwks() {
+    let (fake, client) = start(Options::default()).await;
+    let token = vault_token(&fake, &client).await;
+    let vault = fake.vault_url();
+    let n = b64url(&[0xc5; 256]);
+    let v1 = fake.set_key(
+        "Signing",
+        json!({"kty": "RSA", "n": n, "e": "AQAB", "d": "secret-exponent", "kid": "ignored"}),
+    );
+    let v2 = fake.set_key(
+        "signing",
+        json!({"kty": "EC-HSM", "crv": "P-384", "x": "eA", "y": "eQ", "key_ops": ["verify"]}),
+    );
+    assert!(is_hex32(&v1) && is_hex32(&v2) && v1 != v2);
+    assert_eq!(fake.key_versions("SIGNING"), vec![v1.clone(), v2.clone()]);
+
+    let r = vault_get(&client, &fake, "/keys/signing?api-version=7.5", &token).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let b = r.json();
+    assert_eq!(
+        b["key"],
+        json!({"kid": format!("{vault}/keys/Signing/{v2}"), "kty": "EC-HSM", "crv": "P-384",
+               "x": "eA", "y": "eQ", "key_ops": ["verify"]})
+    );
+    let a = &b["attributes"];
+    assert_eq!(a["enabled"], true);
+    assert_eq!(a["recoveryLevel"], "Recoverable+Purgeable");
+    assert!(a["created"].is_u64() && b.get("managed").is_none());
+
+    let r = vault_get(
+        &client,
+        &fake,
+        &format!("/keys/SIGNING/{v1}/?api-version=7.5"),
+        &token,
+    )
+    .await;
+    assert_eq!(
+        r.json()["key"],
+        json!({"kid": format!("{vault}/keys/Signing/{v1}"), "kty": "RSA", "n": n, "e": "AQAB",
+               "key_ops": ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"]}),
+        "no private members, kid from the fake, default key_ops"
+    );
+
+    let r = vault_get(&client, &fake, "/keys/nope?api-version=7.5", &token).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["code"], "KeyNotFound");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("A key with (name/id) nope was not found in this key vault.")
+    );
+    let r = vault_get(
+        &client,
+        &fake,
+        "/keys/signing/0123456789abcdef0123456789abcdef?api-version=7.5",
+        &token,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["code"], "KeyNotFound");
+    // A secret is not a key.
+    fake.set_secret("just-a-secret", "v", None);
+    let r = vault_get(
+        &client,
+        &fake,
+        "/keys/just-a-secret?api-version=7.5",
+        &token,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+
+    fake.forbid("signing");
+    let r = vault_get(&client, &fake, "/keys/signing?api-version=7.5", &token).await;
+    assert_eq!(r.status, 403);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Action: 'Microsoft.KeyVault/vaults/keys/read'")
+    );
+    fake.allow("signing");
+    let r = client
+        .get(&format!("{vault}/keys/signing?api-version=7.5"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("www-authenticate").unwrap(),
+        fake.vault_challenge()
+    );
+
+    // A key set explicitly hides a certificate's key of the same name.
+    let (_, leaf, _) = ec_chain("both");
+    fake.set_secret("both", &leaf.pem(), Some("application/x-pem-file"));
+    let r = vault_get(&client, &fake, "/keys/both?api-version=7.5", &token).await;
+    assert_eq!(r.json()["managed"], true);
+    fake.set_key("both", json!({"kty": "RSA", "n": n, "e": "AQAB"}));
+    let r = vault_get(&client, &fake, "/keys/both?api-version=7.5", &token).await;
+    assert_eq!(r.json()["key"]["kty"], "RSA");
+    fake.delete_key("both");
+    let r = vault_get(&client, &fake, "/keys/both?api-version=7.5", &token).await;
+    assert_eq!(r.json()["key"]["kty"], "EC");
+
+    // Over HTTP/2, and through faults.
+    fake.inject(Fault::Malformed {
+        target: Target::Vault,
+        count: 1,
+    });
+    let r = vault_get(&client, &fake, "/keys/signing?api-version=7.5", &token).await;
+    assert_eq!(r.status, 200);
+    assert!(serde_json::from_slice::<Value>(&r.body).is_err());
+    let auth = format!("Bearer {token}");
+    let r = client
+        .send(
+            Method::GET,
+            &format!("{vault}/keys/signing?api-version=7.5"),
+            &[("authorization", &auth)],
+            None,
+            Proto::H2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.version, hyper::Version::HTTP_2);
+    let r = vault_get(
+        &client,
+        &fake,
+        "/keys/signing/versions?api-version=7.5",
+        &token,
+    )
+    .await;
+    assert_eq!(r.status, 405);
+    let st = fake.stats();
+    assert_eq!(st.responses(Endpoint::VaultGetKey, 200), 7);
+    assert_eq!(st.responses(Endpoint::VaultGetKey, 404), 3);
+    assert_eq!(
+        st.key_get_requests(),
+        12,
+        "a versions list is not a key read"
+    );
+}
+
+#[tokio::test]
+async fn admin_api_sets_and_deletes_keys() {
+    let (fake, client) = start(Options::default()).await;
+    let admin = fake.admin_endpoint();
+    let put = |body: &'static str| {
+        let client = client.clone();
+        let url = format!("{admin}/keys/from-admin");
+        async move {
+            client
+                .send(
+                    Method::PUT,
+                    &url,
+                    &[("content-type", "application/json")],
+                    Some(body.as_bytes().to_vec()),
+                    Proto::H1,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let r = put(r#"{"kty":"EC","crv":"P-256","x":"AA","y":"AQ","d":"private"}"#).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let version = r.json()["version"].as_str().unwrap().to_owned();
+    assert_eq!(fake.key_versions("from-admin"), vec![version.clone()]);
+    assert_eq!(put("[1]").await.status, 400);
+    assert_eq!(put("{").await.status, 400);
+
+    let token = vault_token(&fake, &client).await;
+    let r = vault_get(&client, &fake, "/keys/from-admin?api-version=7.5", &token).await;
+    assert_eq!(r.json()["key"]["x"], "AA");
+    assert!(r.json()["key"].get("d").is_none());
+
+    let r = client
+        .send(
+            Method::DELETE,
+            &format!("{admin}/keys/from-admin"),
+            &[],
+            None,
+            Proto::H1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204);
+    assert!(fake.key_versions("from-admin").is_empty());
+    let r = vault_get(&client, &fake, "/keys/from-admin?api-version=7.5", &token).await;
+    assert_eq!(r.status, 404);
+}
