@@ -6,59 +6,25 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Plugin, Store, cli, connect};
+use common::{BIN, Plugin, Sample, Store, cli, connect, decrypt_sample, encrypt_sample as encrypt};
 use kms_proto::v2::key_management_service_client::KeyManagementServiceClient as V2Client;
-use kms_proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
+use kms_proto::v2::{EncryptRequest, StatusRequest};
 use rand::Rng;
 use tonic::transport::Channel;
 
 const ITERATIONS: usize = 40;
 
-#[derive(Clone, Debug)]
-struct Sample {
-    key_id: String,
-    ciphertext: Vec<u8>,
-    annotations: HashMap<String, Vec<u8>>,
-    seed: Vec<u8>,
-}
-
-async fn encrypt(c: &mut V2Client<Channel>, uid: &str) -> Sample {
-    let seed = rand::random::<[u8; 32]>().to_vec();
-    let enc = c
-        .encrypt(EncryptRequest {
-            plaintext: seed.clone(),
-            uid: uid.to_owned(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("encrypt {uid}: {e:?}"))
-        .into_inner();
-    Sample {
-        key_id: enc.key_id,
-        ciphertext: enc.ciphertext,
-        annotations: enc.annotations,
-        seed,
-    }
-}
-
 async fn check_all(c: &mut V2Client<Channel>, samples: &[Sample], when: &str) {
     for (i, s) in samples.iter().enumerate() {
-        let pt = c
-            .decrypt(DecryptRequest {
-                ciphertext: s.ciphertext.clone(),
-                uid: format!("check-{i}"),
-                key_id: s.key_id.clone(),
-                annotations: s.annotations.clone(),
-            })
+        let pt = decrypt_sample(c, s, &format!("check-{i}"))
             .await
-            .unwrap_or_else(|e| panic!("{when}: sample {i} under {}: {e:?}", s.key_id))
-            .into_inner()
-            .plaintext;
+            .unwrap_or_else(|e| panic!("{when}: sample {i} under {}: {e:?}", s.key_id));
         assert_eq!(pt, s.seed, "{when}: sample {i} decrypted to the wrong seed");
     }
 }

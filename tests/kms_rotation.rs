@@ -12,52 +12,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Plugin, Store, cli, cli_ok, connect};
+use common::{
+    BIN, Plugin, Sample, Store, cli, cli_ok, connect, decrypt_sample, encrypt_sample as encrypt,
+};
 use kms_proto::v2::key_management_service_client::KeyManagementServiceClient as V2Client;
-use kms_proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
+use kms_proto::v2::{EncryptRequest, StatusRequest};
 use tempfile::TempDir;
 use tonic::transport::Channel;
 
 /// Encryptions the plugin reserves in the key store per write (documented behaviour).
 const RESERVATION_BLOCK: u64 = 4096;
 
-/// One Encrypt result, kept to decrypt again later.
-#[derive(Clone, Debug)]
-struct Sample {
-    key_id: String,
-    ciphertext: Vec<u8>,
-    annotations: HashMap<String, Vec<u8>>,
-    seed: Vec<u8>,
-}
-
-async fn encrypt(c: &mut V2Client<Channel>, uid: &str) -> Sample {
-    let seed = rand::random::<[u8; 32]>().to_vec();
-    let enc = c
-        .encrypt(EncryptRequest {
-            plaintext: seed.clone(),
-            uid: uid.to_owned(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("encrypt {uid}: {e:?}"))
-        .into_inner();
-    assert!(!enc.key_id.is_empty());
-    Sample {
-        key_id: enc.key_id,
-        ciphertext: enc.ciphertext,
-        annotations: enc.annotations,
-        seed,
-    }
-}
-
 async fn decrypt(c: &mut V2Client<Channel>, s: &Sample) -> Result<Vec<u8>, tonic::Status> {
-    c.decrypt(DecryptRequest {
-        ciphertext: s.ciphertext.clone(),
-        uid: format!("dec-{}", rand::random::<u32>()),
-        key_id: s.key_id.clone(),
-        annotations: s.annotations.clone(),
-    })
-    .await
-    .map(|r| r.into_inner().plaintext)
+    decrypt_sample(c, s, &format!("dec-{}", rand::random::<u32>())).await
 }
 
 async fn assert_decrypts(c: &mut V2Client<Channel>, s: &Sample) {

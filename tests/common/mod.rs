@@ -270,3 +270,48 @@ pub async fn connect(path: &Path) -> Channel {
         .await
         .unwrap()
 }
+
+/// One Encrypt result and its seed, kept to decrypt again later.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub key_id: String,
+    pub ciphertext: Vec<u8>,
+    pub annotations: std::collections::HashMap<String, Vec<u8>>,
+    pub seed: Vec<u8>,
+}
+
+/// Encrypts a fresh random 32-byte seed.
+pub async fn encrypt_sample(c: &mut V2Client<Channel>, uid: &str) -> Sample {
+    let seed = rand::random::<[u8; 32]>().to_vec();
+    let enc = c
+        .encrypt(kms_proto::v2::EncryptRequest {
+            plaintext: seed.clone(),
+            uid: uid.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("encrypt {uid}: {e:?}"))
+        .into_inner();
+    assert!(!enc.key_id.is_empty());
+    Sample {
+        key_id: enc.key_id,
+        ciphertext: enc.ciphertext,
+        annotations: enc.annotations,
+        seed,
+    }
+}
+
+/// Decrypts a sample as the apiserver would (stored key_id and annotations).
+pub async fn decrypt_sample(
+    c: &mut V2Client<Channel>,
+    s: &Sample,
+    uid: &str,
+) -> Result<Vec<u8>, tonic::Status> {
+    c.decrypt(kms_proto::v2::DecryptRequest {
+        ciphertext: s.ciphertext.clone(),
+        uid: uid.to_owned(),
+        key_id: s.key_id.clone(),
+        annotations: s.annotations.clone(),
+    })
+    .await
+    .map(|r| r.into_inner().plaintext)
+}
