@@ -96,9 +96,13 @@ impl Swtpm {
 
     /// Starts it again on the same port and state (persistent objects survive; transient
     /// ones and sessions do not, as after a reboot).
+    ///
+    /// swtpm binds without SO_REUSEADDR, so when the killed instance left connections in
+    /// TIME_WAIT (a client had one open), the port stays taken for up to 60 s (Linux's
+    /// fixed TIME_WAIT): wait that long rather than fail.
     pub fn restart(&mut self) {
         self.kill();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(75);
         while !self.spawn() {
             assert!(
                 Instant::now() < deadline,
