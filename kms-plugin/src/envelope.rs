@@ -389,4 +389,55 @@ mod tests {
         let (c, id) = cipher();
         c.self_check(&id).unwrap();
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn key_id() -> impl Strategy<Value = KeyId> {
+            "[a-z0-9][a-z0-9.-]{0,200}".prop_map(|s| KeyId::parse(&s).unwrap())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Every plaintext the apiserver may send round-trips, in both formats, and
+            /// the v2 ciphertext always fits the apiserver's 1 KiB limit.
+            #[test]
+            fn round_trips(pt in proptest::collection::vec(any::<u8>(), 1..=MAX_PLAINTEXT), id in key_id()) {
+                let kek = Kek::generate().unwrap();
+                let c = KekCipher::new(&kek);
+                let p = Plaintext::from_vec(pt.clone());
+                let v2 = c.seal_v2(&id, &p).unwrap();
+                prop_assert!(v2.len() <= MAX_V2_CIPHERTEXT);
+                let opened = c.open_v2(&id, &v2).unwrap();
+                prop_assert_eq!(opened.expose(), &pt[..]);
+                let v1 = c.seal_v1(&id, &p).unwrap();
+                let parsed = parse_v1(&v1).unwrap();
+                prop_assert_eq!(&parsed.key_id, &id);
+                let opened = c.open_v1(&parsed).unwrap();
+                prop_assert_eq!(opened.expose(), &pt[..]);
+            }
+
+            /// Changing any byte of a ciphertext to any other value is detected.
+            #[test]
+            fn any_change_is_detected(pt in proptest::collection::vec(any::<u8>(), 1..64), pos in any::<prop::sample::Index>(), delta in 1u8..=255) {
+                let kek = Kek::generate().unwrap();
+                let c = KekCipher::new(&kek);
+                let id = KeyId::parse("kek-0001-prop").unwrap();
+                let mut ct = c.seal_v2(&id, &Plaintext::from_vec(pt)).unwrap();
+                let i = pos.index(ct.len());
+                ct[i] = ct[i].wrapping_add(delta);
+                prop_assert!(c.open_v2(&id, &ct).is_err());
+            }
+
+            /// The parsers never panic, whatever they are given.
+            #[test]
+            fn parsers_survive_anything(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+                let _ = parse_v1(&bytes);
+                let _ = parse_v2(&bytes);
+            }
+        }
+    }
 }
