@@ -281,4 +281,12 @@ mod tests {
         let err = store.load().unwrap_err().to_string();
         assert!(err.contains("damaged"), "{err}");
     }
+
+    proptest::proptest! {
+        /// A damaged manifest is an error naming the file, never a panic.
+        #[test]
+        fn manifest_parsing_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = KeyStore::parse(Path::new("manifest.json"), &bytes);
+        }
+    }
 }

@@ -709,4 +709,14 @@ mod tests {
                 .contains("process name")
         );
     }
+
+    proptest::proptest! {
+        /// Arbitrary YAML-ish input is either a valid config or a clear error; never a panic.
+        #[test]
+        fn config_parsing_never_panics(text in "\\PC{0,400}") {
+            if let Ok(raw) = serde_yaml_ng::from_str::<RawConfig>(&text) {
+                let _ = Config::resolve(raw, out());
+            }
+        }
+    }
 }

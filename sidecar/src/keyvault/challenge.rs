@@ -230,4 +230,25 @@ mod tests {
             let _ = parse(junk);
         }
     }
+
+    proptest::proptest! {
+        /// Whatever a server puts in WWW-Authenticate, parsing never panics, and a verified
+        /// challenge always names a resource inside the vault's domain.
+        #[test]
+        fn never_panics_and_verification_holds(header in "\\PC{0,300}", host in "[a-z0-9.]{1,40}") {
+            let _ = parse(&header);
+            if let Ok(c) = bearer(&header, &host, true) {
+                let suffix = format!(".{}", c.resource_host);
+                proptest::prop_assert!(host.ends_with(&suffix), "{} vs {}", host, suffix);
+            }
+        }
+
+        #[test]
+        fn structured_headers_round_trip(tenant in "[a-z0-9-]{1,36}", sub in "[a-z0-9]{1,20}") {
+            let h = format!("Bearer authorization=\"https://login.example/{tenant}\", resource=\"https://vault.example.net\"");
+            let c = bearer(&h, &format!("{sub}.vault.example.net"), true).unwrap();
+            proptest::prop_assert_eq!(c.tenant.as_deref(), Some(tenant.as_str()));
+            proptest::prop_assert_eq!(c.scope.as_str(), "https://vault.example.net/.default");
+        }
+    }
 }

@@ -110,4 +110,14 @@ mod tests {
         let none = TpmBlob { pcr: None, ..b };
         assert_eq!(TpmBlob::decode(&none.encode()).unwrap(), none);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = TpmBlob::decode(&bytes);
+            let mut framed = b"ESTPM\x01".to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = TpmBlob::decode(&framed);
+        }
+    }
 }
