@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Plugin, Store, cli, cli_ok, connect};
+use common::{BIN, Plugin, Store, cli, cli_ok, connect, wait_for_socket};
 use kms_proto::v2::StatusRequest;
 use kms_proto::v2::key_management_service_client::KeyManagementServiceClient as V2Client;
 
@@ -107,21 +107,8 @@ impl Running {
             socket: socket.to_owned(),
             log: log.to_owned(),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = r.child.try_wait().unwrap() {
-                panic!("serve exited early ({st}):\n{}", r.logs());
-            }
-            if tokio::net::UnixStream::connect(&r.socket).await.is_ok() {
-                return r;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve not ready in 20s:\n{}",
-                r.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_socket(&mut r.child, &r.socket, &r.log).await;
+        r
     }
 
     fn logs(&self) -> String {

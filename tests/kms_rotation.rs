@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     BIN, Plugin, Sample, Store, cli, cli_ok, connect, decrypt_sample, encrypt_sample as encrypt,
+    wait_for_socket,
 };
 use kms_proto::v2::key_management_service_client::KeyManagementServiceClient as V2Client;
 use kms_proto::v2::{EncryptRequest, StatusRequest};
@@ -294,21 +295,8 @@ impl Serve {
             log,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = s.child.try_wait().unwrap() {
-                panic!("serve exited early ({st}):\n{}", s.logs());
-            }
-            if tokio::net::UnixStream::connect(&s.socket).await.is_ok() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve not ready in 20s:\n{}",
-                s.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_socket(&mut s.child, &s.socket, &s.log).await;
+        s
     }
 
     fn logs(&self) -> String {

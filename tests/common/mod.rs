@@ -169,21 +169,7 @@ impl Plugin {
     }
 
     async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("kms-plugin exited early ({status}):\n{}", self.logs());
-            }
-            if self.socket.exists() && tokio::net::UnixStream::connect(&self.socket).await.is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "plugin not ready in 20s:\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_socket(&mut self.child, &self.socket, &self.stderr_path).await;
     }
 
     /// Everything the plugin wrote to stderr so far.
@@ -314,4 +300,25 @@ pub async fn decrypt_sample(
     })
     .await
     .map(|r| r.into_inner().plaintext)
+}
+
+/// Waits until a spawned `serve` accepts connections on `socket`; panics with its log
+/// (`log`) if it exits first or takes more than 20 s.
+pub async fn wait_for_socket(child: &mut Child, socket: &Path, log: &Path) {
+    let logs = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("kms-plugin serve exited early ({status}):\n{}", logs());
+        }
+        if socket.exists() && tokio::net::UnixStream::connect(socket).await.is_ok() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve not ready in 20s:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
