@@ -145,6 +145,7 @@ async fn status(c: &mut V2) -> StatusResponse {
 }
 
 async fn encrypt(c: &mut V2, seed: &[u8], uid: &str) -> EncryptResponse {
+    common::log_gate::watch_bytes("a DEK seed (Encrypt plaintext)", seed);
     c.encrypt(EncryptRequest {
         plaintext: seed.to_vec(),
         uid: uid.into(),

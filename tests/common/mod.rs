@@ -2,6 +2,7 @@
 //! key store and socket, and talk to it over the real Unix socket like kube-apiserver.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod log_gate;
 pub mod swtpm;
 
 use std::io::Read;
@@ -20,12 +21,22 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_kms-plugin");
 
 /// Runs `kms-plugin ARGS` to completion.
 pub fn cli(args: &[&str]) -> Output {
-    Command::new(BIN)
+    let out = Command::new(BIN)
         .args(args)
         .env_remove("RUST_LOG")
         .env("TSS2_LOG", "all+none")
         .output()
-        .expect("spawn kms-plugin")
+        .expect("spawn kms-plugin");
+    let what = args.iter().take(2).copied().collect::<Vec<_>>().join(" ");
+    log_gate::check(
+        &format!("`kms-plugin {what}` stderr"),
+        &String::from_utf8_lossy(&out.stderr),
+    );
+    log_gate::check(
+        &format!("`kms-plugin {what}` stdout"),
+        &String::from_utf8_lossy(&out.stdout),
+    );
+    out
 }
 
 /// Runs `kms-plugin ARGS`, asserts success, returns trimmed stdout.
@@ -239,6 +250,9 @@ impl Drop for Plugin {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !std::thread::panicking() {
+            log_gate::check_file("kms-plugin serve stderr", &self.stderr_path);
+        }
     }
 }
 
@@ -269,6 +283,7 @@ pub struct Sample {
 /// Encrypts a fresh random 32-byte seed.
 pub async fn encrypt_sample(c: &mut V2Client<Channel>, uid: &str) -> Sample {
     let seed = rand::random::<[u8; 32]>().to_vec();
+    log_gate::watch_bytes("a DEK seed (Encrypt plaintext)", &seed);
     let enc = c
         .encrypt(kms_proto::v2::EncryptRequest {
             plaintext: seed.clone(),

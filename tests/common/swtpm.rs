@@ -312,6 +312,7 @@ impl TpmNode {
             std::thread::sleep(Duration::from_millis(20));
         };
         let err = std::fs::read_to_string(&log).unwrap();
+        super::log_gate::check("refused kms-plugin serve stderr", &err);
         assert!(
             !status.success(),
             "serve exited 0 but should have refused:\n{err}"
@@ -373,6 +374,7 @@ pub fn sealed_blobs(manifest: &[u8]) -> Vec<(String, TpmBlob)> {
 }
 
 pub async fn encrypt(c: &mut V2, plaintext: &[u8]) -> EncryptResponse {
+    super::log_gate::watch_bytes("an Encrypt plaintext", plaintext);
     c.encrypt(EncryptRequest {
         plaintext: plaintext.to_vec(),
         uid: "enc".into(),

@@ -23,6 +23,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+#[path = "../common/log_gate.rs"]
+pub mod log_gate;
+
 pub use azure_fake::{Endpoint, FakeAzure, Fault, Flow, Options, Stats, Target};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -217,6 +220,7 @@ impl Harness {
     pub fn watch(&self, s: impl Into<String>) {
         let s = s.into();
         assert!(s.len() >= 12, "watched strings must be distinctive");
+        log_gate::watch_str("a secret value or credential", &s);
         self.watched.borrow_mut().push(s);
     }
 
@@ -366,10 +370,14 @@ impl Harness {
                 }
             }
         }
+        for w in &watched {
+            log_gate::watch_str("a secret value or credential", w);
+        }
         for log in self.logs.borrow().iter() {
             let Ok(text) = fs::read_to_string(log) else {
                 continue;
             };
+            log_gate::check(&format!("sidecar log {}", log.display()), &text);
             // Access tokens and assertions are JWTs: base64url JSON starting `{"` = `eyJ`.
             assert!(
                 !text.contains("eyJ"),
