@@ -35,6 +35,10 @@ pub struct Cli {
     /// Deliver everything once and exit (for an init container).
     #[arg(long, env = "SIDECAR_ONCE")]
     pub once: bool,
+    /// Check the configuration, output directory, CA file and identity settings, print
+    /// the plan and exit, without any network request.
+    #[arg(long, conflicts_with = "once")]
+    pub check_config: bool,
     /// How often to look for new secret versions [default: 2m].
     #[arg(long, env = "SIDECAR_REFRESH_INTERVAL", value_name = "DURATION")]
     pub refresh_interval: Option<String>,

@@ -7,6 +7,7 @@
 //! client), `sync` (one read-convert-publish cycle), `deliver` (tmpfs check, atomic file
 //! set, conversions), `runner` (the loop), `server` and `metrics` (probes).
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod deliver;

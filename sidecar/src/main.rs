@@ -21,6 +21,18 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     sidecar::cli::init_logging(cli.log_format, &cli.log_level)?;
     let cfg = Config::load(cli.config.as_deref(), cli.overrides())?;
+    if cli.check_config {
+        return match sidecar::check::check(&cfg, &Env::from_process()) {
+            Ok(plan) => {
+                print!("{plan}");
+                Ok(())
+            }
+            Err(plan) => {
+                print!("{plan}");
+                anyhow::bail!("the configuration check failed (see above)")
+            }
+        };
+    }
     // One thread: the sidecar mostly waits on the network, and every extra thread costs
     // memory in a pod that should stay small.
     let runtime = tokio::runtime::Builder::new_current_thread()

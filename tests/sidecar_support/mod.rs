@@ -523,8 +523,14 @@ impl SidecarCmd {
 
     /// Runs with `--once` to completion.
     pub fn run_once(self) -> Finished {
+        self.run_to_end(&["--once"])
+    }
+
+    /// Runs with `extra` arguments (e.g. `--once`, `--check-config`) to completion; stdout
+    /// and stderr both go to the log.
+    pub fn run_to_end(self, extra: &[&str]) -> Finished {
         let started = Instant::now();
-        let mut child = self.command(&["--once"]).spawn().expect("spawning sidecar");
+        let mut child = self.command(extra).spawn().expect("spawning sidecar");
         let status = loop {
             if let Some(s) = child.try_wait().unwrap() {
                 break s;

@@ -76,6 +76,24 @@ impl TokenSource for ArcHimds {
         NAME
     }
 
+    fn preflight(&self) -> Result<(), IdentityError> {
+        match std::fs::metadata(&self.token_dir) {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(IdentityError::permanent(
+                NAME,
+                format!("{} is not a directory", self.token_dir.display()),
+            )),
+            Err(e) => Err(IdentityError::permanent(
+                NAME,
+                format!(
+                    "the Arc agent's token directory {}: {e} (mount it from the host, or set \
+                     --arc-token-dir)",
+                    self.token_dir.display()
+                ),
+            )),
+        }
+    }
+
     fn fetch<'a>(&'a self, scope: &'a str, _tenant: Option<&'a str>) -> TokenFuture<'a> {
         Box::pin(async move {
             let resource = scope.trim_end_matches("/.default");

@@ -58,6 +58,10 @@ pub trait TokenSource: Send + Sync {
     /// A fresh token for `scope` (e.g. `https://vault.azure.net/.default`). `tenant` is the
     /// tenant the resource's challenge named, for sources that can use it.
     fn fetch<'a>(&'a self, scope: &'a str, tenant: Option<&'a str>) -> TokenFuture<'a>;
+    /// Local checks only (files present and readable), for `--check-config`.
+    fn preflight(&self) -> Result<(), IdentityError> {
+        Ok(())
+    }
 }
 
 /// The environment the identity sources read, captured once (tests pass their own).

@@ -64,6 +64,31 @@ impl TokenSource for WorkloadIdentity {
         NAME
     }
 
+    fn preflight(&self) -> Result<(), IdentityError> {
+        // Opened, not read: the check must not handle the credential.
+        std::fs::File::open(&self.token_file)
+            .and_then(|f| f.metadata())
+            .map_err(|e| e.to_string())
+            .and_then(|m| {
+                if m.is_file() {
+                    Ok(())
+                } else {
+                    Err("not a file".to_owned())
+                }
+            })
+            .map_err(|e| {
+                IdentityError::permanent(
+                    NAME,
+                    format!(
+                        "the federated token file {} (AZURE_FEDERATED_TOKEN_FILE): {e}; the \
+                         workload identity webhook mounts it when the pod has the label \
+                         azure.workload.identity/use: \"true\"",
+                        self.token_file.display()
+                    ),
+                )
+            })
+    }
+
     fn fetch<'a>(&'a self, scope: &'a str, _tenant: Option<&'a str>) -> TokenFuture<'a> {
         Box::pin(async move {
             let assertion = tokio::fs::read_to_string(&self.token_file)
