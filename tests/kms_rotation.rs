@@ -464,6 +464,96 @@ async fn retire_and_reinstate() {
     );
 }
 
+/// `key destroy`: only a retired key, only after the grace period; the running plugin
+/// keeps serving the others, and the destroyed key's serial is never issued again.
+#[tokio::test]
+async fn destroy_only_retired_keys_after_the_grace_period() {
+    let store = Store::init();
+    let plugin = Plugin::start(&store, &[]).await;
+    let mut c = plugin.v2().await;
+    let k0 = status_key(&mut c).await;
+    let k1 = store.rotate();
+    wait_status(&mut c, &k1, Duration::from_secs(10)).await;
+    let under_k1 = encrypt(&mut c, "k1").await;
+    let k2 = store.rotate();
+    wait_status(&mut c, &k2, Duration::from_secs(10)).await;
+    let under_k2 = encrypt(&mut c, "k2").await;
+    let ks = store.path_str();
+    let destroy =
+        |id: &str, grace: &str| cli(&["key", "destroy", "--key-store", ks, id, "--grace", grace]);
+    let refused = |out: std::process::Output| {
+        assert!(!out.status.success(), "destroy should have been refused");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    let err = refused(destroy(&k2, "0s"));
+    assert!(
+        err.contains("is active") && err.contains("only a retired key"),
+        "{err}"
+    );
+    let err = refused(destroy(&k0, "0s"));
+    assert!(
+        err.contains("is decrypt-only") && err.contains("key retire"),
+        "{err}"
+    );
+    let err = refused(destroy("k-nonexistent", "0s"));
+    assert!(err.contains("no key k-nonexistent"), "{err}");
+
+    cli_ok(&["key", "retire", "--key-store", ks, &k0]);
+    let before = std::fs::read(store.path().join("manifest.json")).unwrap();
+    // The default grace (7 days) protects a key retired a moment ago.
+    let out = cli(&["key", "destroy", "--key-store", ks, &k0]);
+    let err = refused(out);
+    assert!(
+        err.contains("grace period") && err.contains("reinstate"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(store.path().join("manifest.json")).unwrap(),
+        before,
+        "a refused destroy changes nothing"
+    );
+
+    let out = destroy(&k0, "0s");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = store.list_json();
+    let ids: Vec<&str> = list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    assert!(!ids.contains(&k0.as_str()), "{ids:?}");
+    assert!(
+        ids.contains(&k1.as_str()) && ids.contains(&k2.as_str()),
+        "{ids:?}"
+    );
+    assert!(
+        !std::fs::read_to_string(store.path().join("manifest.json"))
+            .unwrap()
+            .contains(&k0),
+        "nothing of the destroyed key is left in the manifest"
+    );
+
+    // The running plugin reloads and goes on serving the remaining keys.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_decrypts(&mut c, &under_k1).await;
+    assert_decrypts(&mut c, &under_k2).await;
+    assert_eq!(status_key(&mut c).await, k2);
+    let earlier = serials(&store);
+    let k3 = store.rotate();
+    let after = serials(&store);
+    assert!(
+        after[&k3] > *earlier.values().max().unwrap(),
+        "a new key never reuses a serial: {after:?}"
+    );
+    assert!(!plugin.logs().contains("panicked"));
+}
+
 /// (e) `--rotate-every 2s` rotates on its own; old ciphertexts still decrypt.
 #[tokio::test]
 async fn rotate_every_rotates_by_itself() {

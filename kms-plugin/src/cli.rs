@@ -253,6 +253,18 @@ pub enum KeyCommand {
         /// The key to retire.
         key_id: String,
     },
+    /// Remove a retired key for good: what is still encrypted under it becomes unreadable,
+    /// also with the recovery key. Refuses keys that are not retired, or were retired
+    /// within the grace period.
+    Destroy {
+        #[command(flatten)]
+        store: StoreDirArg,
+        /// The key to destroy.
+        key_id: String,
+        /// How long the key must have been retired (e.g. 7d, 12h, 0s).
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+    },
     /// Bring a retired key back for Decrypt.
     Reinstate {
         #[command(flatten)]
@@ -520,6 +532,17 @@ fn key(cmd: KeyCommand, file: &FileConfig) -> anyhow::Result<()> {
             keyadmin::retire(&store_dir(store, file), &key_id)?;
             eprintln!(
                 "key {key_id} is retired: data still encrypted under it can no longer be read until it is reinstated"
+            );
+        }
+        KeyCommand::Destroy {
+            store,
+            key_id,
+            grace,
+        } => {
+            keyadmin::destroy(&store_dir(store, file), &key_id, grace)?;
+            eprintln!(
+                "key {key_id} is destroyed: it is gone from the key store, with its recovery \
+                 wrap (older backups of the key store still hold it)"
             );
         }
         KeyCommand::Reinstate { store, key_id } => {

@@ -104,6 +104,16 @@ pub fn retire(store: &KeyStore, id: &str) -> Result<(), AdminError> {
     Ok(())
 }
 
+/// Destroys a key retired at least `grace` ago (see [`Manifest::destroy`]).
+pub fn destroy(store: &KeyStore, id: &str, grace: std::time::Duration) -> Result<(), AdminError> {
+    store.update(|m| {
+        m.destroy(id, OffsetDateTime::now_utc(), grace)
+            .map(drop)
+            .map_err(AdminError::from)
+    })?;
+    Ok(())
+}
+
 pub fn reinstate(store: &KeyStore, id: &str) -> Result<(), AdminError> {
     store.update(|m| Ok::<_, AdminError>(m.reinstate(id, OffsetDateTime::now_utc())?))?;
     Ok(())

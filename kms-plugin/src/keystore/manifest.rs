@@ -151,6 +151,21 @@ pub enum ManifestError {
     DuplicatePeer(String),
     #[error("no peer named {0}; `kms-plugin node list-peers` shows them")]
     UnknownPeer(String),
+    #[error(
+        "key {id} is {state}: only a retired key can be destroyed. Retire it first \
+         (`kms-plugin key retire`), then wait long enough to know nothing still needs it"
+    )]
+    DestroyNotRetired { id: KeyId, state: &'static str },
+    #[error(
+        "key {id} was retired {ago} ago, within the {grace} grace period: anything still \
+         encrypted under it would become unreadable for good. Wait, reinstate it if a \
+         Decrypt failed since, or pass a shorter --grace if you are sure"
+    )]
+    DestroyTooSoon {
+        id: KeyId,
+        ago: String,
+        grace: String,
+    },
 }
 
 impl Manifest {
@@ -307,6 +322,39 @@ impl Manifest {
                 Ok(())
             }
         }
+    }
+
+    /// Removes a retired key for good, with its sealed blob and its recovery wrap, once it
+    /// has been retired for at least `grace`. Its serial is never re-issued.
+    pub fn destroy(
+        &mut self,
+        id: &str,
+        now: OffsetDateTime,
+        grace: std::time::Duration,
+    ) -> Result<KeyRecord, ManifestError> {
+        let k = self.get_mut(id)?;
+        if k.state != KeyState::Retired {
+            return Err(ManifestError::DestroyNotRetired {
+                id: k.id.clone(),
+                state: k.state.as_str(),
+            });
+        }
+        // A clock that went backwards counts as "just retired".
+        let ago = std::time::Duration::try_from(now - k.state_changed_at).unwrap_or_default();
+        if ago < grace {
+            return Err(ManifestError::DestroyTooSoon {
+                id: k.id.clone(),
+                ago: humantime::format_duration(std::time::Duration::from_secs(ago.as_secs()))
+                    .to_string(),
+                grace: humantime::format_duration(grace).to_string(),
+            });
+        }
+        let at = self
+            .keys
+            .iter()
+            .position(|k| k.id.as_str() == id)
+            .ok_or_else(|| ManifestError::UnknownKey(id.to_owned()))?;
+        Ok(self.keys.remove(at))
     }
 
     /// Brings a retired key back for Decrypt (same id: ids are never re-issued).
