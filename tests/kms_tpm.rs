@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::swtpm::{
@@ -17,7 +19,7 @@ use kms_plugin::keyid::KeyId;
 use kms_plugin::keyring::KeyRing;
 use kms_plugin::keystore::{KeyState, KeyStore};
 use kms_plugin::secret::Kek;
-use kms_proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
+use kms_proto::v2::{DecryptRequest, EncryptRequest, EncryptResponse, StatusRequest};
 
 /// Backend flags for `swtpm`.
 fn tpm_args(t: &Swtpm) -> Vec<String> {
@@ -278,6 +280,91 @@ fn metric(body: &str, name: &str, value: &str) -> bool {
         .any(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')) == Some(value))
 }
 
+/// Clients on their own connections calling Encrypt, Decrypt (of that and of an early
+/// ciphertext) and Status in a loop, as kube-apiserver does, until stopped. Rounds that
+/// worked are counted; every failed call is kept.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Traffic {
+    async fn start(p: &Plugin, early: &EncryptResponse, early_plaintext: &'static [u8]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for n in 0..2 {
+            let mut c = p.v2().await;
+            let (stop, ok, early) = (Arc::clone(&stop), Arc::clone(&ok), early.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut failed = Vec::new();
+                let plaintext = format!("traffic {n}").into_bytes();
+                while !stop.load(Ordering::Relaxed) {
+                    let round = async {
+                        let e = c
+                            .encrypt(EncryptRequest {
+                                plaintext: plaintext.clone(),
+                                uid: format!("traffic-{n}"),
+                            })
+                            .await
+                            .map_err(|e| format!("Encrypt: {e:?}"))?
+                            .into_inner();
+                        let pt = decrypt(&mut c, &e)
+                            .await
+                            .map_err(|e| format!("Decrypt of a new ciphertext: {e:?}"))?;
+                        if pt != plaintext {
+                            return Err("Decrypt returned the wrong plaintext".to_owned());
+                        }
+                        let pt = decrypt(&mut c, &early)
+                            .await
+                            .map_err(|e| format!("Decrypt of the early ciphertext: {e:?}"))?;
+                        if pt != early_plaintext {
+                            return Err("Decrypt of the early ciphertext: wrong plaintext".into());
+                        }
+                        let st = c
+                            .status(StatusRequest {})
+                            .await
+                            .map_err(|e| format!("Status: {e:?}"))?
+                            .into_inner();
+                        if st.healthz != "ok" {
+                            return Err(format!("Status: healthz {:?}", st.healthz));
+                        }
+                        Ok(())
+                    };
+                    match round.await {
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failed.push(e),
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                failed
+            }));
+        }
+        Self { stop, ok, tasks }
+    }
+
+    fn rounds(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the clients; returns the rounds that worked and every failure.
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut failed = Vec::new();
+        for t in self.tasks {
+            failed.extend(t.await.unwrap());
+        }
+        (self.ok.load(Ordering::Relaxed), failed)
+    }
+}
+
+/// swtpm killed under traffic and restarted: every Encrypt, Decrypt and Status of two
+/// clients succeeds throughout (before, during the outage, across the restart, across the
+/// rotation after it: zero failed calls); the probes and metrics say the backend is gone
+/// and come back; a rotation after the restart reaches the running plugin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpm_lost_while_serving_keeps_serving_from_memory_and_recovers() {
     let mut node = TpmNode::new(&[]);
@@ -289,6 +376,10 @@ async fn tpm_lost_while_serving_keeps_serving_from_memory_and_recovers() {
         metric(b, "kms_plugin_backend_healthy", "1")
     })
     .await;
+    let traffic = Traffic::start(&plugin, &early, b"before the TPM went away").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let at_kill = traffic.rounds();
+    assert!(at_kill > 0, "no traffic before the kill");
 
     node.tpm.kill();
     // Encrypt and Decrypt need only the keys in memory: they go on working.
@@ -323,8 +414,14 @@ async fn tpm_lost_while_serving_keeps_serving_from_memory_and_recovers() {
     });
     let line = line.unwrap_or_else(|| panic!("no error naming the TPM in the logs:\n{logs}"));
     println!("plugin log when the TPM went away: {line}");
+    let at_restart = traffic.rounds();
+    assert!(
+        at_restart > at_kill + 10,
+        "little traffic during the outage"
+    );
 
-    node.tpm.restart();
+    // Blocking (it may wait out TIME_WAIT): off the worker the clients run on.
+    tokio::task::block_in_place(|| node.tpm.restart());
     wait_http(&plugin, "/metrics", Duration::from_secs(10), |_, b| {
         metric(b, "kms_plugin_backend_healthy", "1")
     })
@@ -347,6 +444,23 @@ async fn tpm_lost_while_serving_keeps_serving_from_memory_and_recovers() {
         decrypt(&mut c, &early).await.unwrap(),
         b"before the TPM went away"
     );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let at_rotation = traffic.rounds();
+    let (rounds, failed) = traffic.finish().await;
+    println!(
+        "traffic: {rounds} rounds of Encrypt+Decrypt+Decrypt+Status ({at_kill} before the kill, \
+         {} during the outage, {} across restart and rotation), {} failed",
+        at_restart - at_kill,
+        at_rotation - at_restart,
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} calls failed around the TPM outage, first: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(at_rotation > at_restart, "no traffic after the restart");
     drop(c);
     assert!(plugin.terminate().success());
     assert_eq!(node.tpm.transient_handles(), 0);

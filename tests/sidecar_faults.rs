@@ -1,7 +1,8 @@
-//! The sidecar when Azure misbehaves: the vault down, a 429 storm, malformed / empty / huge
-//! / hung responses, an oversized secret, the token endpoint down at start. In `--once` mode
-//! each is a non-zero exit naming the secret and the problem; in the long-running mode the
-//! last good files stay in place, readiness is kept, and it recovers.
+//! The sidecar when Azure misbehaves: the vault down, 500s, 429s (and a 429 storm at start),
+//! malformed / empty / huge / hung responses, an oversized secret, the token endpoint down at
+//! start and mid-run. In `--once` mode each is a non-zero exit naming the secret and the
+//! problem; in the long-running mode the last good files stay in place, readiness is kept,
+//! and it recovers. (The output volume filling up: `sidecar_faults_disk.rs`.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "sidecar_support/mod.rs"]
@@ -16,6 +17,10 @@ const NAME: &str = "app-secret";
 /// A bad answer from the vault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Bad {
+    /// HTTP 500 with Key Vault's error body.
+    ServerError,
+    /// HTTP 429 with `Retry-After: 1`.
+    Throttled,
     /// 200 with a body that is not JSON.
     Malformed,
     /// 200 with no body.
@@ -28,7 +33,9 @@ enum Bad {
     Oversized,
 }
 
-const ALL: [Bad; 5] = [
+const ALL: [Bad; 7] = [
+    Bad::ServerError,
+    Bad::Throttled,
     Bad::Malformed,
     Bad::Empty,
     Bad::Huge,
@@ -40,6 +47,17 @@ impl Bad {
     fn fault(self, count: usize) -> Option<Fault> {
         let target = Target::Vault;
         match self {
+            Bad::ServerError => Some(Fault::Status {
+                target,
+                status: 500,
+                count,
+            }),
+            Bad::Throttled => Some(Fault::Throttle {
+                target,
+                retry_after_secs: 1,
+                retry_after_ms: None,
+                count,
+            }),
             Bad::Malformed => Some(Fault::Malformed { target, count }),
             Bad::Empty => Some(Fault::EmptyBody { target, count }),
             Bad::Huge => Some(Fault::HugeBody {
@@ -55,6 +73,8 @@ impl Bad {
     /// What the operator must read.
     fn expect(self) -> &'static str {
         match self {
+            Bad::ServerError => "HTTP 500",
+            Bad::Throttled => "Key Vault is throttling",
             Bad::Malformed => "malformed response from Key Vault",
             Bad::Empty => "empty response body",
             Bad::Huge | Bad::Oversized => "larger than 1048576 bytes",
@@ -147,8 +167,9 @@ fn once_fails_cleanly(bad: Bad) {
     eprintln!("{bad:?}: --once failed after {:?}: {err}", done.took);
 }
 
-/// `--once`: a malformed, empty, 10 MB or hung answer, or an oversized secret, is a non-zero
-/// exit whose message names the secret and the problem; nothing is written.
+/// `--once`: a 500, a 429, a malformed, empty, 10 MB or hung answer, or an oversized secret,
+/// is a non-zero exit (after bounded retries) whose message names the secret and the
+/// problem; nothing is written.
 #[test]
 fn once_bad_responses_fail_with_a_clear_error() {
     each_in_parallel(&ALL, once_fails_cleanly);
@@ -207,8 +228,9 @@ fn long_running_keeps_the_last_good_files(bad: Bad) {
     s.assert_running();
 }
 
-/// Long-running: the same bad answers after the first delivery keep the old files in place
-/// and the sidecar ready; it recovers afterwards.
+/// Long-running: the same bad answers (500, 429, malformed, empty, 10 MB, hung, oversized)
+/// after the first delivery keep the old files in place and the sidecar ready; it recovers
+/// afterwards.
 #[test]
 fn long_running_bad_responses_keep_the_last_good_files() {
     each_in_parallel(&ALL, long_running_keeps_the_last_good_files);
@@ -247,8 +269,9 @@ fn vault_down_keeps_files_and_readiness_then_recovers() {
     );
     let (code, body) = s.readyz();
     assert_eq!(code, 200);
+    // It names the secret and why: the vault's host did not answer.
     assert!(
-        body.contains("last refresh failed") && body.contains(NAME),
+        body.contains("last refresh failed") && body.contains(&format!("{NAME}: localhost: ")),
         "{body}"
     );
     assert!(s.metric(r#"sidecar_fetches_total{result="unavailable"}"#) >= 1.0);
@@ -435,4 +458,99 @@ fn permanent_errors_name_the_fix() {
         "the new version once access is back",
         |_| read(h.out(), NAME).as_deref() == Some(v2.as_str()),
     );
+}
+
+/// The token endpoint goes down after a successful start, with short-lived tokens (8 s): a
+/// new version is still delivered with the cached token while it is valid (no new token
+/// asked for); once it expires, a newer version cannot be read: the files stay as they were,
+/// /readyz stays 200 with a warning naming the token endpoint, the log says so; when the
+/// endpoint is back the newest version is delivered and the warning goes away.
+#[test]
+fn token_endpoint_down_mid_run_uses_the_cached_token_then_recovers() {
+    const LIFETIME: Duration = Duration::from_secs(8);
+    let h = Harness::with(|o| o.token_lifetime = LIFETIME);
+    let v1 = h.value("tok1");
+    h.set(NAME, &v1);
+    let mut s = h.cmd(Identity::Workload).secret(NAME).spawn();
+    s.wait_ready(Duration::from_secs(15));
+    let issued = h.fake.stats().tokens(Flow::WorkloadIdentity);
+    assert_eq!(issued, 1);
+    h.fake.inject(Fault::Down {
+        target: Target::Token,
+    });
+    let down = Instant::now();
+
+    // While the cached token is valid: business as usual, without the token endpoint.
+    let v2 = h.value("tok2");
+    h.set(NAME, &v2);
+    s.wait_for(
+        Duration::from_secs(5),
+        "the new version with the cached token",
+        |_| read(h.out(), NAME).as_deref() == Some(v2.as_str()),
+    );
+    assert!(
+        down.elapsed() < LIFETIME,
+        "delivered only after the token expired: the test proves nothing"
+    );
+    assert_eq!(h.fake.stats().tokens(Flow::WorkloadIdentity), issued);
+    let t2 = data_target(h.out()).unwrap();
+
+    // Past its expiry (it was issued before `down`), a new version cannot be read: refreshes
+    // fail, the file stays, the warning names the token endpoint.
+    s.wait_for(LIFETIME, "the cached token to expire", |_| {
+        assert_eq!(read(h.out(), NAME).as_deref(), Some(v2.as_str()));
+        down.elapsed() > LIFETIME
+    });
+    let v3 = h.value("tok3");
+    h.set(NAME, &v3);
+    s.wait_for(
+        LIFETIME + Duration::from_secs(30),
+        "/readyz to name the token endpoint",
+        |s| {
+            assert_eq!(
+                read(h.out(), NAME).as_deref(),
+                Some(v2.as_str()),
+                "the file stays"
+            );
+            assert_eq!(data_target(h.out()).as_ref(), Some(&t2), "no rewrite");
+            let (code, body) = s.readyz();
+            assert_eq!(code, 200, "still ready: {body}");
+            body.contains("last refresh failed")
+                && body.contains("getting a token")
+                && body.contains("token endpoint")
+        },
+    );
+    println!(
+        "/readyz with the token endpoint down: {}",
+        s.readyz().1.trim()
+    );
+    assert_layout(h.out(), &[NAME]);
+    let logs = s.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("keeping the last good value")
+                && l.contains(NAME)
+                && l.contains("token endpoint")),
+        "a warning names the secret and the token endpoint; log tail:\n{}",
+        s.tail(30)
+    );
+    assert!(s.metric(r#"sidecar_fetches_total{result="identity"}"#) >= 1.0);
+    assert!(
+        h.fake.stats().responses(Endpoint::Token, 0) >= 1,
+        "the endpoint really was down when asked"
+    );
+
+    // Back: a new token, the newest version, the warning gone.
+    h.fake.clear_faults();
+    s.wait_for(
+        Duration::from_secs(20),
+        "the newest version once the token endpoint is back",
+        |_| read(h.out(), NAME).as_deref() == Some(v3.as_str()),
+    );
+    assert_layout(h.out(), &[NAME]);
+    assert!(h.fake.stats().tokens(Flow::WorkloadIdentity) > issued);
+    s.wait_for(Duration::from_secs(10), "the warning to clear", |s| {
+        !s.readyz().1.contains("last refresh failed")
+    });
+    s.assert_running();
 }

@@ -2,7 +2,7 @@
 //! Knows nothing of gRPC; the protocol layers in `grpc/` translate.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::Notify;
 
@@ -40,6 +40,11 @@ pub enum KmsError {
     BadAnnotation { key: String, problem: String },
     #[error(transparent)]
     Budget(#[from] BudgetError),
+    #[error(
+        "key {id} has used every encryption recorded in the key store, and recording more \
+         failed: {reason}. Encrypt resumes by itself once the key store can be written"
+    )]
+    ReservationFailed { id: KeyId, reason: String },
 }
 
 /// The outcome of Encrypt.
@@ -59,6 +64,9 @@ pub struct Kms {
     ring: RwLock<Arc<KeyRing>>,
     reservation_wanted: Notify,
     reservation_granted: Notify,
+    /// Why the keeper's last attempt to reserve encryptions in the key store failed
+    /// (`None` after a success): what an Encrypt refused for lack of them reports.
+    reservation_failure: Mutex<Option<String>>,
 }
 
 /// How long an Encrypt waits for the keeper to reserve more encryptions before failing.
@@ -70,6 +78,7 @@ impl Kms {
             ring: RwLock::new(Arc::new(ring)),
             reservation_wanted: Notify::new(),
             reservation_granted: Notify::new(),
+            reservation_failure: Mutex::new(None),
         }
     }
 
@@ -102,6 +111,36 @@ impl Kms {
         &self.reservation_granted
     }
 
+    /// Records the outcome of the keeper's last reservation attempt (`None`: it worked).
+    pub fn set_reservation_failure(&self, failure: Option<String>) {
+        *self
+            .reservation_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = failure;
+    }
+
+    /// Why the last reservation attempt failed, if it did.
+    pub fn reservation_failure(&self) -> Option<String> {
+        self.reservation_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A refusal for lack of reserved encryptions, with the reason the keeper could not
+    /// reserve more if it tried and failed (a full or read-only key store).
+    fn explain(&self, err: KmsError) -> KmsError {
+        match err {
+            KmsError::Budget(BudgetError::ReservationPending { id }) => {
+                match self.reservation_failure() {
+                    Some(reason) => KmsError::ReservationFailed { id, reason },
+                    None => KmsError::Budget(BudgetError::ReservationPending { id }),
+                }
+            }
+            e => e,
+        }
+    }
+
     /// Runs an Encrypt; if the active key is waiting for its next counter reservation (a
     /// burst used up the block), waits for the keeper briefly and tries again instead of
     /// failing the request. Without a burst this returns at once.
@@ -122,7 +161,7 @@ impl Kms {
                     self.reservation_wanted.notify_one();
                     let _ = tokio::time::timeout_at(deadline, granted).await;
                 }
-                r => return r,
+                r => return r.map_err(|e| self.explain(e)),
             }
         }
     }
@@ -138,7 +177,7 @@ impl Kms {
         };
         let problem = self
             .take_nonce(active)
-            .map_err(KmsError::from)
+            .map_err(|e| self.explain(e.into()))
             .and_then(|()| {
                 active
                     .cipher()

@@ -66,6 +66,12 @@ pub struct Metrics {
     active_key_encryptions: Gauge,
     backend_healthy: Gauge,
     rotation_waiting: Gauge,
+    store_update_failures: Family<OperationLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabel {
+    operation: &'static str,
 }
 
 impl Default for Metrics {
@@ -88,6 +94,13 @@ impl Metrics {
         let active_key_encryptions = Gauge::default();
         let backend_healthy = Gauge::default();
         let rotation_waiting = Gauge::default();
+        let store_update_failures = Family::<OperationLabel, Counter>::default();
+        registry.register(
+            "key_store_update_failures",
+            "Key store updates by this process that failed, by operation (automatic rotation, \
+             reserving encryptions): a full or read-only file system, or a backend error",
+            store_update_failures.clone(),
+        );
         registry.register(
             "rotation_waiting_peers",
             "Peers that must still confirm holding the staged key before it can become active",
@@ -140,7 +153,15 @@ impl Metrics {
             active_key_encryptions,
             backend_healthy,
             rotation_waiting,
+            store_update_failures,
         }
+    }
+
+    /// Counts a failed key store update: `rotation` or `reservation`.
+    pub fn key_store_update_failed(&self, operation: &'static str) {
+        self.store_update_failures
+            .get_or_create(&OperationLabel { operation })
+            .inc();
     }
 
     pub fn observe(&self, api: Api, op: Op, code: tonic::Code, seconds: f64) {

@@ -149,7 +149,7 @@ pub async fn run(cfg: Config, env: Env) -> anyhow::Result<()> {
                     metrics.sync("partial");
                     state.set_error(Some(format!(
                         "could not refresh {}",
-                        report.stale.join(", ")
+                        report.stale.join("; ")
                     )));
                     failures += 1;
                 }

@@ -59,7 +59,8 @@ pub struct SyncReport {
     /// A new set of files was published.
     pub changed: bool,
     pub files: usize,
-    /// Objects that kept their last good value because reading them failed now.
+    /// Objects that kept their last good value because reading them failed now, each with
+    /// why (the read error, which starts with the object's name).
     pub stale: Vec<String>,
 }
 
@@ -100,7 +101,7 @@ impl Syncer {
                     self.metrics.fetch(e.kind());
                     if self.last.contains_key(&obj.file) {
                         tracing::warn!(object = %obj.name, error = %e, "read failed; keeping the last good value");
-                        report.stale.push(obj.name.clone());
+                        report.stale.push(e.to_string());
                     } else if first_error.is_none() {
                         first_error = Some(SyncError::Fetch {
                             object: obj.name.clone(),

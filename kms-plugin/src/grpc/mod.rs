@@ -29,7 +29,8 @@ pub fn to_status(err: &KmsError) -> Status {
             | EnvelopeError::AuthenticationFailed => Code::InvalidArgument,
         },
         KmsError::Budget(BudgetError::Exhausted { .. }) => Code::ResourceExhausted,
-        KmsError::Budget(BudgetError::ReservationPending { .. }) => Code::Unavailable,
+        KmsError::Budget(BudgetError::ReservationPending { .. })
+        | KmsError::ReservationFailed { .. } => Code::Unavailable,
     };
     Status::new(code, err.to_string())
 }

@@ -22,7 +22,7 @@ const LOCK_FILE: &str = ".lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyStoreError {
-    #[error("{op} {}: {source}", path.display())]
+    #[error("{op} {}: {source}{}", path.display(), io_hint(source))]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -53,6 +53,17 @@ pub enum KeyStoreError {
          a different key; the key store and backend do not belong together"
     )]
     CheckValueMismatch { key_id: String },
+}
+
+/// What the operator can do about an I/O error, appended to its message.
+fn io_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
+            " (the file system holding the key store is full: free space on it, or move the key \
+             store to a larger one, then retry)"
+        }
+        _ => "",
+    }
 }
 
 /// A key store directory.

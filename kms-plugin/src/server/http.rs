@@ -71,6 +71,19 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     if !shared.backend_healthy.load(Ordering::Relaxed) {
                         body.push_str("warning: key backend unavailable: serving from memory, rotation impossible\n");
                     }
+                    if let Some(e) = shared.kms.reservation_failure() {
+                        body.push_str(&format!("warning: cannot reserve more encryptions in the key store, Encrypt stops when the reserved ones are used: {e}\n"));
+                    }
+                    let rotation = shared
+                        .rotation_failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    if let Some(e) = rotation {
+                        body.push_str(&format!(
+                            "warning: automatic rotation failed, the current key stays active: {e}\n"
+                        ));
+                    }
                     text(StatusCode::OK, body)
                 }
                 Some(p) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {p}\n")),

@@ -24,9 +24,16 @@ pub fn load_ring(shared: &Shared, previous: Option<&KeyRing>) -> Result<KeyRing,
         let id = active.id.clone();
         let used = active.used();
         let block = shared.next_reservation_block();
-        let (range, after) = shared
+        let reserved = shared
             .store
-            .update(|m| Ok::<_, KeyStoreError>(m.reserve(id.as_str(), used, block)?))?;
+            .update(|m| Ok::<_, KeyStoreError>(m.reserve(id.as_str(), used, block)?));
+        if reserved.is_err() {
+            shared.metrics.key_store_update_failed("reservation");
+        }
+        shared
+            .kms
+            .set_reservation_failure(reserved.as_ref().err().map(ToString::to_string));
+        let (range, after) = reserved?;
         active.grant(range.0, range.1);
         shared.kms.reservation_granted().notify_waiters();
         // Our own write is the only change since we loaded: the ring still matches.
@@ -43,8 +50,16 @@ pub fn refresh(shared: &Shared, rotate_every: Option<Duration>) {
     let current = shared.kms.ring();
     reload_if_changed(shared, &current);
 
-    if let Some(Err(e)) = rotate_every.map(|every| rotate_if_due(shared, every)) {
-        tracing::error!(error = %e, "automatic rotation failed; the current key stays active");
+    if let Some(result) = rotate_every.map(|every| rotate_if_due(shared, every)) {
+        let failure = result.err().map(|e| {
+            shared.metrics.key_store_update_failed("rotation");
+            tracing::error!(error = %e, "automatic rotation failed; the current key stays active");
+            e.to_string()
+        });
+        *shared
+            .rotation_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = failure;
     }
 
     let healthy = match shared.backend.health() {
@@ -98,7 +113,7 @@ fn reload_if_changed(shared: &Shared, current: &Arc<KeyRing>) {
         }
         Err(e) => {
             shared.metrics.reload(false);
-            tracing::error!(error = %e, "reloading the key store failed; still serving with the previous key ring");
+            tracing::error!(error = %e, "reloading the key store (or reserving encryptions in it) failed; still serving with the keys in memory");
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct Shared {
     pub backend_healthy: AtomicBool,
     /// When the last counter reservation was made and how big it was.
     pub reservations: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+    /// Why the last automatic rotation failed (`None` after one worked), for `/readyz`.
+    pub rotation_failure: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -98,6 +100,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
                 backend,
                 backend_healthy: AtomicBool::new(true),
                 reservations: std::sync::Mutex::new((None, 0)),
+                rotation_failure: std::sync::Mutex::new(None),
             };
             let ring = keeper::load_ring(&shared, None)?;
             shared.metrics.ring_loaded(&ring, false);
@@ -220,7 +223,9 @@ async fn keep(
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                 tracing::info!("SIGHUP: reloading the key store now");
             }
-            () = shared.kms.reservation_wanted().notified() => {}
+            // After a failed reservation (a full key store) retry on the tick, not on every
+            // Encrypt that asks: that would be a failing write and an error line per request.
+            () = shared.kms.reservation_wanted().notified(), if shared.kms.reservation_failure().is_none() => {}
             _ = shutdown.changed() => return,
         }
         let s = Arc::clone(&shared);

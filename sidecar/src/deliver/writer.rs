@@ -46,7 +46,10 @@ pub enum WriteError {
 
 fn io(op: &'static str, path: &Path, source: std::io::Error) -> WriteError {
     let hint = match source.raw_os_error() {
-        Some(28) => " (the volume is full: raise the emptyDir sizeLimit)",
+        Some(28) => {
+            " (the volume is full: an update needs room for a second copy of the secrets; \
+             raise the emptyDir sizeLimit or free space on it)"
+        }
         Some(1) => " (changing owners needs CAP_CHOWN: drop uid/gid from the config or grant it)",
         _ => "",
     };
