@@ -75,7 +75,12 @@ pub fn check(cfg: &Config, env: &Env) -> Result<String, String> {
     if failed.is_empty() {
         Ok(out)
     } else {
-        let _ = writeln!(out, "{} check(s) failed: {}", failed.len(), failed.join(", "));
+        let _ = writeln!(
+            out,
+            "{} check(s) failed: {}",
+            failed.len(),
+            failed.join(", ")
+        );
         Err(out)
     }
 }
