@@ -102,6 +102,9 @@ pub async fn run(cfg: Config, env: Env) -> anyhow::Result<()> {
 
     if cfg.once {
         let report = syncer.sync().await?;
+        // No app reads yet (an init container): a replaced set can go now, not after the
+        // grace the exit would cut short.
+        crate::deliver::writer::remove_replaced(&cfg.output_dir);
         tracing::info!(
             files = report.files,
             "all secrets delivered; exiting (--once)"

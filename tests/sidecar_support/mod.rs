@@ -830,11 +830,13 @@ pub fn entries(dir: &Path) -> Vec<String> {
 
 /// Asserts kubelet's AtomicWriter layout with exactly `names` visible: `..data` a symlink
 /// to one `..<timestamp>` directory holding regular files, each name a symlink to
-/// `..data/<name>`, and nothing else in the directory.
+/// `..data/<name>`, and nothing else in the directory. A payload replaced just before is
+/// removed after the writer's grace (500 ms, for readers already inside it): waits that out.
 pub fn assert_layout(dir: &Path, names: &[&str]) {
     let target = data_target(dir)
         .unwrap_or_else(|| panic!("no ..data symlink in {}: {:?}", dir.display(), entries(dir)));
     let t = target.to_str().unwrap();
+    wait_replaced_payloads_gone(dir, t);
     assert!(
         t.starts_with("..") && !t.contains('/') && t != "..data",
         "..data -> {t}"
@@ -865,6 +867,26 @@ pub fn assert_layout(dir: &Path, names: &[&str]) {
         assert!(meta.is_file(), "{t}/{n} is a regular file");
         assert_eq!(meta.nlink(), 1);
     }
+}
+
+/// Waits (at most 3 s) until no payload directory but `current` is left.
+pub fn wait_replaced_payloads_gone(dir: &Path, current: &str) {
+    let others = || {
+        entries(dir)
+            .into_iter()
+            .filter(|n| n.starts_with("..") && n != "..data" && n != current)
+            .collect::<Vec<_>>()
+    };
+    let start = Instant::now();
+    while !others().is_empty() && start.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        others(),
+        Vec::<String>::new(),
+        "replaced payloads still in {} after 3 s",
+        dir.display()
+    );
 }
 
 /// Asserts nothing was delivered: the directory is empty.

@@ -9,16 +9,24 @@
 //!
 //! A reader that opens `DIR/db-password` sees either the whole old set or the whole new
 //! one. A failure before the swap (disk full, bad owner) leaves the old set untouched.
+//!
+//! The replaced payload is removed [`RETIRE_AFTER`] later, not at once: a reader whose path
+//! walk went through `..data` just before the swap still has to find its file in the old
+//! payload. Removing it right after the swap (as kubelet does, kubernetes/kubernetes#92851)
+//! lets such a reader see the file missing.
 
 use std::fs;
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::secret::SecretBytes;
 
 const DATA_LINK: &str = "..data";
 const DATA_TMP: &str = "..data_tmp";
+/// How long a replaced payload stays for readers that were already on their way into it.
+pub const RETIRE_AFTER: Duration = Duration::from_millis(500);
 
 /// One file of a payload.
 pub struct FileSpec {
@@ -82,12 +90,37 @@ pub fn publish(dir: &Path, files: &[FileSpec]) -> Result<(), WriteError> {
         let _ = fs::remove_dir_all(&ts_dir);
         return Err(e);
     }
-    // The old payload is unreachable now; removing it is housekeeping.
+    // New readers cannot reach the old payload any more; ones already inside get a grace.
     if let Some(old) = old_target.filter(|o| o.as_os_str() != ts_name.as_str()) {
-        let _ = fs::remove_dir_all(dir.join(old));
+        retire(dir.join(old));
     }
-    remove_orphans(dir, &ts_name);
+    remove_orphans(dir, &ts_name, RETIRE_AFTER);
     Ok(())
+}
+
+/// Removes a replaced payload after [`RETIRE_AFTER`], off the caller's thread. If the
+/// process exits first, the next publish (or [`remove_replaced`]) removes it.
+fn retire(payload: PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("retire-payload".into())
+        .spawn({
+            let payload = payload.clone();
+            move || {
+                std::thread::sleep(RETIRE_AFTER);
+                let _ = fs::remove_dir_all(payload);
+            }
+        });
+    if spawned.is_err() {
+        let _ = fs::remove_dir_all(payload);
+    }
+}
+
+/// Removes every payload but the current one at once, grace or not: for when no reader can
+/// be inside an old one (`--once`, which exits right after publishing).
+pub fn remove_replaced(dir: &Path) {
+    if let Ok(current) = fs::read_link(dir.join(DATA_LINK)) {
+        remove_orphans(dir, &current.to_string_lossy(), Duration::ZERO);
+    }
 }
 
 fn write_payload(ts_dir: &Path, files: &[FileSpec]) -> Result<(), WriteError> {
@@ -152,8 +185,10 @@ fn swap(dir: &Path, ts_name: &str, files: &[FileSpec]) -> Result<(), WriteError>
     Ok(())
 }
 
-/// Payload directories of earlier runs that crashed before cleaning up.
-fn remove_orphans(dir: &Path, current: &str) {
+/// Payload directories other than `current`: replaced ones whose removal did not happen
+/// (the process exited during the grace) and half-written ones of a crashed run. Those
+/// written less than `grace` ago are left to their own removal.
+fn remove_orphans(dir: &Path, current: &str, grace: Duration) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
@@ -164,10 +199,18 @@ fn remove_orphans(dir: &Path, current: &str) {
             && name != DATA_TMP
             && name != current
             && e.file_type().is_ok_and(|t| t.is_dir())
+            && !written_within(&e, grace)
         {
             let _ = fs::remove_dir_all(e.path());
         }
     }
+}
+
+fn written_within(e: &fs::DirEntry, grace: Duration) -> bool {
+    !grace.is_zero()
+        && e.metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < grace))
 }
 
 fn timestamped_name() -> String {
@@ -233,6 +276,8 @@ mod tests {
         assert_eq!(read_delivered(d.path(), "a").unwrap(), b"10");
         assert_eq!(read_delivered(d.path(), "c").unwrap(), b"3");
         assert!(!d.path().join("b").exists(), "removed files disappear");
+        // The old payload goes after the grace for readers already inside it.
+        std::thread::sleep(RETIRE_AFTER * 3);
         assert!(!d.path().join(&first).exists(), "old payload removed");
         // Exactly: ..data, one payload dir, a, c.
         let names: Vec<String> = fs::read_dir(d.path())
@@ -240,6 +285,17 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names.len(), 4, "{names:?}");
+    }
+
+    #[test]
+    fn remove_replaced_keeps_only_the_current_payload() {
+        let d = tempfile::tempdir().unwrap();
+        publish(d.path(), &[spec("a", "1", 0o400)]).unwrap();
+        let first = fs::read_link(d.path().join(DATA_LINK)).unwrap();
+        publish(d.path(), &[spec("a", "2", 0o400)]).unwrap();
+        remove_replaced(d.path());
+        assert!(!d.path().join(&first).exists());
+        assert_eq!(read_delivered(d.path(), "a").unwrap(), b"2");
     }
 
     #[test]
@@ -259,6 +315,56 @@ mod tests {
             publish(d.path(), &[spec("../x", "1", 0o400)]),
             Err(WriteError::BadName(_))
         ));
+    }
+
+    /// A reader that resolved `..data` just before a swap must still find its file: the
+    /// replaced payload may not vanish under it (kubelet's writer has this race,
+    /// kubernetes/kubernetes#92851). Publishes back to back while another thread reads.
+    #[test]
+    fn a_reader_never_finds_a_file_missing_during_swaps() {
+        let shm = Path::new("/dev/shm");
+        let d = if shm.is_dir() {
+            tempfile::tempdir_in(shm).unwrap()
+        } else {
+            tempfile::tempdir().unwrap()
+        };
+        let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
+        let set = |g: usize| -> Vec<FileSpec> {
+            names
+                .iter()
+                .map(|n| spec(n, &format!("{n}-{g}"), 0o400))
+                .collect()
+        };
+        publish(d.path(), &set(0)).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (missing, reads) = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let (mut missing, mut reads) = (0u32, 0u64);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for n in &names {
+                        reads += 1;
+                        match fs::read(d.path().join(n)) {
+                            Ok(b) => assert!(
+                                String::from_utf8_lossy(&b).starts_with(&format!("{n}-")),
+                                "{n}: foreign content"
+                            ),
+                            Err(e) if e.kind() == ErrorKind::NotFound => missing += 1,
+                            Err(e) => panic!("{n}: {e}"),
+                        }
+                    }
+                }
+                (missing, reads)
+            });
+            for g in 1..=1500 {
+                publish(d.path(), &set(g)).unwrap();
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            reader.join().unwrap()
+        });
+        assert_eq!(
+            missing, 0,
+            "{missing} of {reads} reads found a file missing"
+        );
     }
 
     #[test]
