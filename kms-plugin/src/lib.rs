@@ -11,6 +11,8 @@ pub mod cli;
 pub mod config;
 pub mod defaults;
 pub mod envelope;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod keyadmin;
 pub mod keyid;

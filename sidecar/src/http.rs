@@ -142,6 +142,13 @@ pub async fn read_body(mut resp: reqwest::Response) -> Result<Zeroizing<Vec<u8>>
     Ok(body)
 }
 
+/// A server's text (an error code, a message, a body) on one line: each run of whitespace,
+/// line breaks included, becomes one space, so that what a server sends can neither split
+/// a log line nor an operator's error message.
+pub fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// reqwest errors print the URL, which may carry a query string; keep messages to the cause.
 pub fn without_url(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {

@@ -11,6 +11,8 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod deliver;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod identity;
 pub mod keyvault;

@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, IdentityChoice};
-use crate::http::Clients;
+use crate::http::{Clients, one_line};
 use crate::secret::Token;
 
 /// A bearer token and when it stops working.
@@ -238,6 +238,11 @@ pub(crate) fn expires_in(v: &serde_json::Value) -> Option<u64> {
     }
 }
 
+/// No token is kept longer than this, whatever its `expires_in` says: Entra ID's access
+/// tokens live about a day (up to 28 h with continuous access evaluation), and an absurd
+/// value must neither overflow the clock nor keep a token cached for ever.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(48 * 3600);
+
 /// Parses a token response body shared by all sources.
 pub(crate) fn parse_token(source: &'static str, body: &[u8]) -> Result<AccessToken, IdentityError> {
     #[derive(serde::Deserialize)]
@@ -257,11 +262,13 @@ pub(crate) fn parse_token(source: &'static str, body: &[u8]) -> Result<AccessTok
     })?;
     Ok(AccessToken {
         token: Token::new(token),
-        expires_at: Instant::now() + Duration::from_secs(secs),
+        expires_at: Instant::now() + Duration::from_secs(secs).min(MAX_TOKEN_LIFETIME),
     })
 }
 
-/// Entra ID / IMDS error bodies: `{"error": "...", "error_description": "..."}`.
+/// Entra ID / IMDS error bodies: `{"error": "...", "error_description": "..."}`, on one
+/// line (the first line of the description; anything else that is not JSON, such as a
+/// proxy's HTML page, cut to 200 bytes).
 pub(crate) fn error_text(body: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct E {
@@ -277,12 +284,12 @@ pub(crate) fn error_text(body: &[u8]) -> String {
                 None => String::new(),
             };
             let desc = e.error_description.or(e.message).unwrap_or_default();
-            let desc = desc.lines().next().unwrap_or_default().to_owned();
-            format!("{code}: {desc}")
+            let desc = desc.lines().next().unwrap_or_default();
+            format!("{}: {}", one_line(&code), one_line(desc))
                 .trim_matches([':', ' '])
                 .to_owned()
         }
-        Err(_) => String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        Err(_) => one_line(&String::from_utf8_lossy(&body[..body.len().min(200)])),
     }
 }
 
@@ -304,6 +311,13 @@ mod tests {
         )
         .unwrap();
         assert!(b.expires_at > Instant::now() + Duration::from_secs(3500));
+        // Found by the token_json fuzz target: this used to overflow `Instant`.
+        let far = parse_token(
+            "t",
+            br#"{"access_token":"x","expires_in":"18446744073709551615"}"#,
+        )
+        .unwrap();
+        assert!(far.expires_at <= Instant::now() + MAX_TOKEN_LIFETIME);
         assert!(parse_token("t", br#"{"expires_in":1}"#).is_err());
         assert!(parse_token("t", b"not json").is_err());
         assert!(parse_token("t", br#"{"access_token":"x","expires_in":"soon"}"#).is_err());

@@ -270,7 +270,7 @@ impl KeyVault {
     }
 }
 
-fn parse_secret(name: &str, body: &[u8]) -> Result<SecretBundle, KvError> {
+pub(crate) fn parse_secret(name: &str, body: &[u8]) -> Result<SecretBundle, KvError> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Bundle {
@@ -294,7 +294,7 @@ fn parse_secret(name: &str, body: &[u8]) -> Result<SecretBundle, KvError> {
     })
 }
 
-fn parse_key(name: &str, body: &[u8]) -> Result<(Vec<u8>, String), KvError> {
+pub(crate) fn parse_key(name: &str, body: &[u8]) -> Result<(Vec<u8>, String), KvError> {
     #[derive(serde::Deserialize)]
     struct Bundle {
         key: Option<super::jwk::Jwk>,
@@ -320,7 +320,7 @@ fn parse_key(name: &str, body: &[u8]) -> Result<(Vec<u8>, String), KvError> {
     Ok((pem, version))
 }
 
-fn parse_certificate(name: &str, body: &[u8]) -> Result<(Vec<u8>, String), KvError> {
+pub(crate) fn parse_certificate(name: &str, body: &[u8]) -> Result<(Vec<u8>, String), KvError> {
     #[derive(serde::Deserialize)]
     struct Cert {
         cer: Option<String>,

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::http::one_line;
 use crate::identity::IdentityError;
 use crate::keyvault::challenge::ChallengeError;
 
@@ -83,16 +84,21 @@ pub fn describe(status: u16, body: &[u8]) -> (Option<String>, String) {
         innererror: Option<Box<Inner>>,
     }
     let parsed = serde_json::from_slice::<Outer>(body).ok();
-    let code = parsed.as_ref().and_then(|o| o.error.code.clone());
+    // Key Vault's messages can hold CRLFs: keep the operator's error on one line (the
+    // codes too: they come from the same server).
+    let code = parsed
+        .as_ref()
+        .and_then(|o| o.error.code.as_deref())
+        .map(one_line);
     let inner = parsed
         .as_ref()
         .and_then(|o| o.error.innererror.as_ref())
-        .and_then(|i| i.code.clone());
-    // Key Vault's messages can hold CRLFs: keep the operator's error on one line.
+        .and_then(|i| i.code.as_deref())
+        .map(one_line);
     let message = parsed
         .as_ref()
         .and_then(|o| o.error.message.as_deref())
-        .map(|m| m.split_whitespace().collect::<Vec<_>>().join(" "))
+        .map(one_line)
         .unwrap_or_else(|| {
             if body.is_empty() {
                 "(empty body)".into()
