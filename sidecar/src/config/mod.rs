@@ -268,6 +268,14 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for obj in &objects {
             for f in obj.file_names(split_cert_key) {
+                // The `.crt`/`.key` of a split certificate add 4 bytes to its name.
+                if !is_plain_name(&f) {
+                    return Err(invalid(format!(
+                        "object {:?}: file name {f:?} is longer than 255 bytes: give it a \
+                         shorter objectAlias",
+                        obj.name
+                    )));
+                }
                 if !seen.insert(f.clone()) {
                     return Err(invalid(format!(
                         "two objects would write the same file {f:?}: give one an objectAlias"
@@ -669,6 +677,13 @@ mod tests {
                 .contains("plain file name")
         );
         assert!(bad("keyvaultName: kv1\nsurprise: 1\n").contains("surprise"));
+        // Found with the sidecar_config fuzz target's invariant: a 253-byte alias is a
+        // plain name, but its split certificate's "<alias>.crt" is not.
+        let long = format!(
+            "keyvaultName: kv1\nwriteCertAndKeyInSeparateFiles: true\nobjects:\n  - objectName: a\n    objectAlias: {}\n",
+            "b".repeat(253)
+        );
+        assert!(bad(&long).contains("longer than 255 bytes"));
         assert!(
             bad("keyvaultName: kv1\nobjects:\n  - objectName: a\n    objectNmae: b\n")
                 .contains("objectNmae")
