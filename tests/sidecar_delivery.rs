@@ -576,8 +576,21 @@ fn many_secrets_are_read_concurrently_but_bounded() {
     for (n, v) in &want {
         assert_eq!(read(h.out(), n).as_deref(), Some(v.as_str()));
     }
-    let max = h.fake.stats().max_concurrent_vault_requests;
+    let stats = h.fake.stats();
+    let max = stats.max_concurrent_vault_requests;
     assert!((2..=16).contains(&max), "concurrent vault reads: {max}");
+    // The concurrent first reads learn the vault's challenge once, not once each.
+    let anonymous = stats
+        .requests
+        .iter()
+        .filter(|r| r.endpoint.is_vault() && !r.authorization)
+        .count();
+    assert_eq!(anonymous, 1, "unauthenticated challenge requests");
+    assert_eq!(
+        stats.vault_get_requests(),
+        41,
+        "one challenge + one read per secret"
+    );
 }
 
 /// The usual pod: an init container (`--once`) writes the secrets, then the native sidecar

@@ -46,6 +46,9 @@ pub struct KeyVault {
     tokens: Arc<TokenCache>,
     verify_resource: bool,
     auth: tokio::sync::RwLock<Option<BearerChallenge>>,
+    /// Held while one read discovers the challenge, so the others of a sync (up to the
+    /// fetch concurrency) wait for it instead of each sending their own anonymous request.
+    discovering: tokio::sync::Mutex<()>,
     policy: RetryPolicy,
 }
 
@@ -67,6 +70,7 @@ impl KeyVault {
             tokens,
             verify_resource,
             auth: Default::default(),
+            discovering: Default::default(),
             policy,
         }
     }
@@ -162,7 +166,15 @@ impl KeyVault {
         let known = self.auth.read().await.clone();
         let challenge = match known {
             Some(c) => c,
-            None => self.discover(&url, object).await?,
+            None => {
+                let _one_at_a_time = self.discovering.lock().await;
+                // Another read may have learnt it while this one waited.
+                let learnt = self.auth.read().await.clone();
+                match learnt {
+                    Some(c) => c,
+                    None => self.discover(&url, object).await?,
+                }
+            }
         };
         let token = self
             .tokens
