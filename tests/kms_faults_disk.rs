@@ -14,11 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Plugin, Sample, cli, cli_ok, decrypt_sample, encrypt_sample as encrypt};
-use kms_proto::v2::key_management_service_client::KeyManagementServiceClient as V2Client;
+use common::{Plugin, assert_all_decrypt, cli, cli_ok, encrypt_sample as encrypt, wait_key_id};
 use kms_proto::v2::{EncryptRequest, StatusRequest};
 use tmpfs::Tmpfs;
-use tonic::transport::Channel;
 
 const SOFTWARE: &[&str] = &["--backend", "insecure-software"];
 /// Small: a manifest with a few keys takes one or two of its 64 pages.
@@ -125,31 +123,6 @@ async fn wait_http(
     }
 }
 
-async fn wait_key(c: &mut V2Client<Channel>, want: &str) {
-    let start = Instant::now();
-    loop {
-        let st = c.status(StatusRequest {}).await.unwrap().into_inner();
-        if st.key_id == want {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the plugin still uses {} instead of {want}",
-            st.key_id
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn check_all(c: &mut V2Client<Channel>, samples: &[Sample], when: &str) {
-    for (i, s) in samples.iter().enumerate() {
-        let pt = decrypt_sample(c, s, &format!("check-{i}"))
-            .await
-            .unwrap_or_else(|e| panic!("{when}: sample {i} under {}: {e:?}", s.key_id));
-        assert_eq!(pt, s.seed, "{when}: sample {i} decrypted to the wrong seed");
-    }
-}
-
 /// The operator's error names the cause and the fix.
 fn assert_names_full_disk(text: &str, what: &str) {
     assert!(
@@ -178,7 +151,7 @@ async fn full_key_store_refuses_rotation_and_loses_nothing() {
     let out = rotate(&ks);
     assert!(out.status.success());
     let k2 = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    wait_key(&mut c, &k2).await;
+    wait_key_id(&mut c, &k2, Duration::from_secs(10)).await;
     samples.push(encrypt(&mut c, "second").await);
 
     let manifest = std::path::Path::new(&ks).join("manifest.json");
@@ -210,13 +183,13 @@ async fn full_key_store_refuses_rotation_and_loses_nothing() {
     // The running plugin: a reload finds nothing new; everything old decrypts, Encrypt works.
     plugin.signal("HUP");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    check_all(&mut c, &samples, "disk full").await;
+    assert_all_decrypt(&mut c, &samples, "disk full").await;
     for i in 0..20 {
         let s = encrypt(&mut c, &format!("full-{i}")).await;
         assert_eq!(s.key_id, k2);
         samples.push(s);
     }
-    check_all(&mut c, &samples, "disk full").await;
+    assert_all_decrypt(&mut c, &samples, "disk full").await;
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(
         (st.healthz.as_str(), st.key_id.as_str()),
@@ -238,14 +211,14 @@ async fn full_key_store_refuses_rotation_and_loses_nothing() {
     let mut want = key_ids(&list_before);
     want.push(k3.clone());
     assert_eq!(key_ids(&after), want);
-    wait_key(&mut c, &k3).await;
+    wait_key_id(&mut c, &k3, Duration::from_secs(10)).await;
     samples.push(encrypt(&mut c, "after").await);
     assert_eq!(samples.last().unwrap().key_id, k3);
-    check_all(&mut c, &samples, "space freed").await;
+    assert_all_decrypt(&mut c, &samples, "space freed").await;
     drop(c);
     drop(plugin);
     let plugin = Plugin::start_with(&ks, SOFTWARE, &[]).await;
-    check_all(&mut plugin.v2().await, &samples, "fresh plugin").await;
+    assert_all_decrypt(&mut plugin.v2().await, &samples, "fresh plugin").await;
 }
 
 /// `serve --rotate-every 1s` on a key store that fills up: the automatic rotation fails
@@ -303,7 +276,7 @@ async fn full_key_store_stops_automatic_rotation_visibly_then_it_resumes() {
         samples.push(encrypt(&mut c, &format!("full-{i}")).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    check_all(&mut c, &samples, "disk full").await;
+    assert_all_decrypt(&mut c, &samples, "disk full").await;
     assert!(
         metric(&plugin, FAILURES) >= failures + 1.0,
         "the due rotation is retried every tick"
@@ -339,7 +312,7 @@ async fn full_key_store_stops_automatic_rotation_visibly_then_it_resumes() {
     let newest = list(&ks)["active_key_id"].as_str().unwrap().to_owned();
     assert!(!key_ids(&frozen).contains(&newest));
     samples.push(encrypt(&mut c, "after").await);
-    check_all(&mut c, &samples, "space freed").await;
+    assert_all_decrypt(&mut c, &samples, "space freed").await;
 }
 
 /// The counter reservation (a key store write every few thousand Encrypts) fails on a
@@ -429,7 +402,7 @@ async fn full_key_store_stops_encrypt_at_the_recorded_counter_then_recovers() {
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert_names_full_disk(&st.healthz, "Status");
     assert!(metric(&plugin, FAILURES) >= 1.0);
-    check_all(&mut c, &samples, "Encrypt refused").await;
+    assert_all_decrypt(&mut c, &samples, "Encrypt refused").await;
     // The write is retried on the 1 s reload tick, not once per refused request: a few
     // error lines, not one per Encrypt.
     let errors = plugin
@@ -470,5 +443,5 @@ async fn full_key_store_stops_encrypt_at_the_recorded_counter_then_recovers() {
         code == 200 && !b.contains("warning")
     })
     .await;
-    check_all(&mut c, &samples, "space freed").await;
+    assert_all_decrypt(&mut c, &samples, "space freed").await;
 }

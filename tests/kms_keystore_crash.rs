@@ -12,22 +12,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Plugin, Sample, Store, cli, connect, decrypt_sample, encrypt_sample as encrypt};
+use common::{
+    BIN, Plugin, Sample, Store, assert_all_decrypt, cli, connect, encrypt_sample as encrypt,
+    wait_key_id,
+};
 use kms_proto::v2::key_management_service_client::KeyManagementServiceClient as V2Client;
 use kms_proto::v2::{EncryptRequest, StatusRequest};
 use rand::Rng;
 use tonic::transport::Channel;
 
 const ITERATIONS: usize = 40;
-
-async fn check_all(c: &mut V2Client<Channel>, samples: &[Sample], when: &str) {
-    for (i, s) in samples.iter().enumerate() {
-        let pt = decrypt_sample(c, s, &format!("check-{i}"))
-            .await
-            .unwrap_or_else(|e| panic!("{when}: sample {i} under {}: {e:?}", s.key_id));
-        assert_eq!(pt, s.seed, "{when}: sample {i} decrypted to the wrong seed");
-    }
-}
 
 /// `key list --output json`, which must succeed whatever state a kill left.
 fn list(store: &Store, when: &str) -> serde_json::Value {
@@ -235,7 +229,7 @@ async fn killed_rotations_never_break_the_store() {
 
         // The running plugin still decrypts everything, and encrypts a new seed.
         samples.push(encrypt(&mut c, &format!("seed-{}", i + 1)).await);
-        check_all(&mut c, &samples, &when).await;
+        assert_all_decrypt(&mut c, &samples, &when).await;
         prev = now;
     }
     stop.store(true, Ordering::Relaxed);
@@ -274,26 +268,14 @@ async fn killed_rotations_never_break_the_store() {
 
     // The plugin saw the surviving rotations: its Status matches the store.
     let want = prev["active_key_id"].as_str().unwrap().to_owned();
-    let start = Instant::now();
-    loop {
-        let st = c.status(StatusRequest {}).await.unwrap().into_inner();
-        if st.key_id == want {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "Status {} != store's active {want}",
-            st.key_id
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_key_id(&mut c, &want, Duration::from_secs(10)).await;
 
     // A fresh plugin on the same store decrypts everything too.
     drop(c);
     drop(plugin);
     let plugin = Plugin::start(&store, &[]).await;
     let mut c = plugin.v2().await;
-    check_all(&mut c, &samples, "after restart").await;
+    assert_all_decrypt(&mut c, &samples, "after restart").await;
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(st.key_id, want);
 }
@@ -390,7 +372,7 @@ async fn damaged_manifest_stops_new_serve_not_running_one() {
     let logs = plugin.logs();
     let line = logs.lines().find(|l| l.contains("damaged")).unwrap();
     assert!(line.contains("ERROR"), "{line}");
-    check_all(&mut c, &[old.clone(), new.clone()], "damaged manifest").await;
+    assert_all_decrypt(&mut c, &[old.clone(), new.clone()], "damaged manifest").await;
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(
         (st.healthz.as_str(), st.key_id.as_str()),
@@ -403,7 +385,7 @@ async fn damaged_manifest_stops_new_serve_not_running_one() {
     drop(c);
     drop(plugin);
     let plugin = Plugin::start(&store, &[]).await;
-    check_all(&mut plugin.v2().await, &[old, new], "restored manifest").await;
+    assert_all_decrypt(&mut plugin.v2().await, &[old, new], "restored manifest").await;
 }
 
 /// One Encrypt that may fail (the plugin is being killed); `None` if it did.
@@ -447,7 +429,7 @@ async fn killed_serve_rotating_under_traffic_loses_nothing() {
     for run in 0..RUNS {
         let plugin = Plugin::start(&store, &["--rotate-every", "1s"]).await;
         let mut c = plugin.v2().await;
-        check_all(&mut c, &last_run, &format!("run {run}, after the restart")).await;
+        assert_all_decrypt(&mut c, &last_run, &format!("run {run}, after the restart")).await;
 
         let stop = Arc::new(AtomicBool::new(false));
         let mut clients = Vec::new();
@@ -557,7 +539,7 @@ async fn killed_serve_rotating_under_traffic_loses_nothing() {
 
     let plugin = Plugin::start(&store, &[]).await;
     let mut c = plugin.v2().await;
-    check_all(&mut c, &all, "the end").await;
+    assert_all_decrypt(&mut c, &all, "the end").await;
     let keys = key_ids(&prev).len();
     let used: HashSet<_> = all.iter().map(|s| s.key_id.as_str()).collect();
     println!(

@@ -317,6 +317,42 @@ pub async fn decrypt_sample(
     .map(|r| r.into_inner().plaintext)
 }
 
+/// Decrypts every sample and checks its seed; `when` names the moment in failures.
+pub async fn assert_all_decrypt(c: &mut V2Client<Channel>, samples: &[Sample], when: &str) {
+    for (i, s) in samples.iter().enumerate() {
+        let pt = decrypt_sample(c, s, &format!("check-{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("{when}: sample {i} under {}: {e:?}", s.key_id));
+        assert_eq!(pt, s.seed, "{when}: sample {i} decrypted to the wrong seed");
+    }
+}
+
+/// Polls Status until its key id is `want` (a rotation reached the plugin); returns that
+/// Status response.
+pub async fn wait_key_id(
+    c: &mut V2Client<Channel>,
+    want: &str,
+    within: Duration,
+) -> kms_proto::v2::StatusResponse {
+    let deadline = Instant::now() + within;
+    loop {
+        let st = c
+            .status(kms_proto::v2::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if st.key_id == want {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Status still reports {}, expected {want} after {within:?}",
+            st.key_id
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until a spawned `serve` accepts connections on `socket`; panics with its log
 /// (`log`) if it exits first or takes more than 20 s.
 pub async fn wait_for_socket(child: &mut Child, socket: &Path, log: &Path) {

@@ -402,20 +402,10 @@ pub async fn status_key_id(c: &mut V2) -> String {
     st.key_id
 }
 
-/// Polls Status until it reports `want`.
+/// Polls Status until it reports `want`, then asserts healthz "ok".
 pub async fn wait_key_id(c: &mut V2, want: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let got = status_key_id(c).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Status still reports {got}, expected {want} after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let st = super::wait_key_id(c, want, within).await;
+    assert_eq!(st.healthz, "ok");
 }
 
 /// Polls `GET path` until `pred(status, body)` holds; returns that body.
