@@ -11,11 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use kms_proto::v1beta1::key_management_service_client::KeyManagementServiceClient as V1Client;
 use kms_proto::v2::key_management_service_client::KeyManagementServiceClient as V2Client;
 use tempfile::TempDir;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kms-plugin");
 
@@ -226,23 +225,11 @@ impl Plugin {
         }
     }
 
-    /// GET http://{http}{path}: (status, body). Plain HTTP/1.1 over a TcpStream.
+    /// GET http://{http}{path}: (status, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect(&self.http).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        let addr = self.http.parse().unwrap();
+        edgeseal_test_support::http_get(addr, path)
+            .unwrap_or_else(|e| panic!("GET {path} on {}: {e}", self.http))
     }
 }
 
@@ -258,17 +245,7 @@ impl Drop for Plugin {
 
 /// A gRPC channel over a Unix socket, as kube-apiserver dials `unix://PATH`.
 pub async fn connect(path: &Path) -> Channel {
-    let path = path.to_owned();
-    Endpoint::try_from("http://kms.local")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .unwrap()
+    edgeseal_test_support::connect_unix(path).await.unwrap()
 }
 
 /// One Encrypt result and its seed, kept to decrypt again later.

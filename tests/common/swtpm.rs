@@ -2,7 +2,7 @@
 //! killed on drop. Tests run in parallel, each with its own.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -41,7 +41,7 @@ impl Swtpm {
 
     /// The TCTI string for `--tcti`.
     pub fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
+        edgeseal_test_support::swtpm_tcti(self.port)
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -49,19 +49,7 @@ impl Swtpm {
     }
 
     fn spawn(&mut self) -> bool {
-        let child = Command::new("swtpm")
-            .args([
-                "socket",
-                "--tpm2",
-                "--server",
-                &format!("type=tcp,port={},bindaddr=127.0.0.1", self.port),
-                "--ctrl",
-                &format!("type=tcp,port={},bindaddr=127.0.0.1", self.port + 1),
-                "--tpmstate",
-                &format!("dir={}", self.state.path().display()),
-                "--flags",
-                "not-need-init,startup-clear",
-            ])
+        let child = edgeseal_test_support::swtpm_command(self.port, self.state.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -153,13 +141,7 @@ impl Drop for Swtpm {
 }
 
 fn free_port_pair() -> u16 {
-    loop {
-        let a = TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = a.local_addr().unwrap().port();
-        if p < 65535 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
-        }
-    }
+    edgeseal_test_support::free_port_pair().unwrap()
 }
 
 // ---- Node harness for multi-step TPM scenarios (recovery, enrolment, clusters) ----------

@@ -6,8 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// A `Command` for the plugin that inherits no plugin settings from the environment and
 /// keeps the TSS libraries quiet.
@@ -164,14 +163,7 @@ impl Serve {
 /// A gRPC channel over a Unix socket, as kube-apiserver dials `unix://PATH`: one HTTP/2
 /// connection, many multiplexed streams.
 pub async fn connect(path: &Path) -> Result<Channel> {
-    let path = path.to_owned();
-    Endpoint::try_from("http://kms.local")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
+    edgeseal_test_support::connect_unix(path)
         .await
         .context("connecting to the plugin socket")
 }

@@ -1,7 +1,7 @@
 //! A software TPM (`swtpm`) on free loopback ports with its own state directory, killed on
 //! drop; the same set-up as the TPM tests (tests/common/swtpm.rs).
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -33,21 +33,9 @@ impl Swtpm {
     /// A fresh TPM (new state, so a new storage root key).
     pub fn start() -> Result<Self> {
         for _ in 0..50 {
-            let port = free_port_pair()?;
+            let port = edgeseal_test_support::free_port_pair()?;
             let state = tempfile::tempdir()?;
-            let mut child = Command::new("swtpm")
-                .args([
-                    "socket",
-                    "--tpm2",
-                    "--server",
-                    &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
-                    "--ctrl",
-                    &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
-                    "--tpmstate",
-                    &format!("dir={}", state.path().display()),
-                    "--flags",
-                    "not-need-init,startup-clear",
-                ])
+            let mut child = edgeseal_test_support::swtpm_command(port, state.path())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -77,7 +65,7 @@ impl Swtpm {
 
     /// The TCTI string for `--tcti`.
     pub fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
+        edgeseal_test_support::swtpm_tcti(self.port)
     }
 }
 
@@ -85,16 +73,5 @@ impl Drop for Swtpm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A free port whose successor is free too (swtpm's server and control ports).
-fn free_port_pair() -> Result<u16> {
-    loop {
-        let a = TcpListener::bind("127.0.0.1:0")?;
-        let p = a.local_addr()?.port();
-        if p < 65535 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return Ok(p);
-        }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hasher as _};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -13,11 +13,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use hyper_util::rt::TokioIo;
 use kms_proto::v2::key_management_service_client::KeyManagementServiceClient;
 use kms_proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::process::Child;
 
@@ -65,20 +64,8 @@ impl Backend {
         let state = work.join("tpm-state");
         std::fs::create_dir_all(&state)?;
         for _ in 0..30 {
-            let port = free_port_pair()?;
-            let mut cmd = Command::new("swtpm");
-            cmd.args([
-                "socket",
-                "--tpm2",
-                "--server",
-                &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
-                "--ctrl",
-                &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
-                "--tpmstate",
-                &format!("dir={}", state.display()),
-                "--flags",
-                "not-need-init,startup-clear",
-            ]);
+            let port = edgeseal_test_support::free_port_pair()?;
+            let cmd = edgeseal_test_support::swtpm_command(port, &state);
             let mut child = Child::spawn("swtpm", cmd, &work.join("swtpm.log"))?;
             let deadline = Instant::now() + Duration::from_secs(10);
             let mut up = false;
@@ -90,7 +77,7 @@ impl Backend {
                 std::thread::sleep(Duration::from_millis(10));
             }
             if up {
-                let tcti = format!("swtpm:host=127.0.0.1,port={port}");
+                let tcti = edgeseal_test_support::swtpm_tcti(port);
                 return Ok(Self {
                     args: vec![
                         "--backend".into(),
@@ -119,17 +106,6 @@ impl Backend {
 fn on_path(bin: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-}
-
-fn free_port_pair() -> anyhow::Result<u16> {
-    for _ in 0..100 {
-        let a = TcpListener::bind("127.0.0.1:0")?;
-        let p = a.local_addr()?.port();
-        if p < 65535 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return Ok(p);
-        }
-    }
-    anyhow::bail!("no free pair of loopback ports")
 }
 
 // ---------------------------------------------------------------- CLI and serve
@@ -227,14 +203,7 @@ impl Plugin {
 
 /// One HTTP/2 connection over the Unix socket, as kube-apiserver dials `unix://PATH`.
 pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
-    let path = socket.to_owned();
-    Endpoint::try_from("http://kms.local")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
+    edgeseal_test_support::connect_unix(socket)
         .await
         .context("connecting to the plugin's socket")
 }

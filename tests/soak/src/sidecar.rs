@@ -4,8 +4,7 @@
 //! checker that reads every delivered file several times a second.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -468,24 +467,7 @@ fn listen_addr(log: &Path) -> Option<SocketAddr> {
 pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || -> anyhow::Result<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw)?;
-        let status = raw
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .with_context(|| format!("not an HTTP response: {raw:?}"))?;
-        let body = raw
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
+        Ok(edgeseal_test_support::http_get(addr, &path)?)
     })
     .await?
 }
