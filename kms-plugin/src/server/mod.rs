@@ -1,6 +1,7 @@
 //! `kms-plugin serve`: wires the key store, backend and key ring to the gRPC socket and
 //! the HTTP listener, and runs until SIGTERM/SIGINT.
 
+pub mod authority;
 pub mod http;
 pub mod keeper;
 pub mod socket;
@@ -181,7 +182,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .add_service(health_service)
         .add_service(v2)
         .add_optional_service(v1)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming(listener), async move {
             let _ = stop.changed().await;
         });
     tokio::pin!(server);
@@ -205,6 +206,16 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     result
+}
+
+/// Accepted connections, each behind the layer that lets any `:authority` through (older
+/// kube-apiservers send the socket path, which `h2` refuses).
+fn incoming(
+    listener: tokio::net::UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<authority::AuthorityLayer<tokio::net::UnixStream>>>
+{
+    use tokio_stream::StreamExt as _;
+    UnixListenerStream::new(listener).map(|r| r.map(authority::AuthorityLayer::new))
 }
 
 /// The keeper loop: refresh on every tick, on SIGHUP, and when the active key asks for
