@@ -350,3 +350,55 @@ async fn malformed_http2_closes_that_connection_only() {
     // And the Go client still gets through on a new connection.
     go(&plugin, "path", "health", &[]);
 }
+
+/// The command `kms-plugin demo` prints for trying a third-party client works as printed.
+#[tokio::test]
+async fn the_demo_prints_a_working_third_party_client_command() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let http = format!("127.0.0.1:{}", common::free_port());
+    let mut demo = Command::new(common::BIN)
+        .args([
+            "demo",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--http-addr",
+            &http,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(demo.stdout.take().unwrap());
+    let line = stdout
+        .lines()
+        .map(Result::unwrap)
+        .find(|l| l.trim_start().starts_with("tests/interop/go/run"))
+        .expect("the demo prints no client command");
+    let socket = dir.path().join("kms.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo socket never answered"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    go_client(); // builds the client's dependencies into the Go cache once
+    let out = Command::new("bash")
+        .args(["-c", line.trim()])
+        .current_dir(REPO)
+        .output()
+        .unwrap();
+    let _ = demo.kill();
+    let _ = demo.wait();
+    assert!(
+        out.status.success(),
+        "{line}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    assert_eq!(s["health"], "SERVING");
+    assert_eq!(s["v1beta1_round_trips"], 20);
+}

@@ -787,10 +787,14 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
          key store: {}\n\
          socket:    {}\n\n\
          Point kube-apiserver at it with --encryption-provider-config=<this file>:\n\n{}\n\
+         Or try a round trip now with a client this project did not write: grpc-go dialled \
+         as kube-apiserver dials (from a checkout, with the README's prerequisites):\n\n\
+         \x20 tests/interop/go/run -socket {} -checks health,v2,v1beta1\n\n\
          Stop with Ctrl-C; the temporary directory is removed then.\n",
         dir.join("keys").display(),
         socket.display(),
-        encryption_configuration(&socket)
+        encryption_configuration(&socket),
+        socket.display(),
     );
     server::run(cfg).await
 }
