@@ -26,7 +26,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .clone()
         .or_else(|| file.log_level.clone())
         .unwrap_or_else(|| "info".into());
-    kms_plugin::logging::init(format, &level)?;
+    // Declared before the runtime, so it is dropped after it: every line is written out.
+    let _log = kms_plugin::logging::init(format, &level)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -182,8 +182,21 @@ impl Plugin {
         wait_for_socket(&mut self.child, &self.socket, &self.stderr_path).await;
     }
 
-    /// Everything the plugin wrote to stderr so far.
+    /// Everything the plugin wrote to stderr so far. The plugin writes its log lines from a
+    /// writer thread, a moment after the event: wait until the file has been quiet for
+    /// 30 ms (at most 2 s), so a line for something that already happened is in it.
     pub fn logs(&self) -> String {
+        let size = || std::fs::metadata(&self.stderr_path).map_or(0, |m| m.len());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut last = size();
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(30));
+            let now = size();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
         let mut s = String::new();
         std::fs::File::open(&self.stderr_path)
             .unwrap()
