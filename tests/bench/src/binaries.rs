@@ -12,6 +12,8 @@ use crate::machine::optimized;
 pub struct Binaries {
     pub kms_plugin: PathBuf,
     pub sidecar: PathBuf,
+    /// The bare tonic floor of the KMS benchmark (this package's other binary).
+    pub kms_floor: PathBuf,
     /// Where cargo put them (for the report).
     pub built_in: PathBuf,
     /// The cargo command that built them.
@@ -30,7 +32,17 @@ pub fn workspace_root() -> PathBuf {
 pub fn build() -> Result<Binaries> {
     // `cargo run` sets CARGO to the cargo that runs us.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut args = vec!["build", "-p", "kms-plugin", "-p", "sidecar", "--bins"];
+    // `-p bench` for kms-floor (and this binary, already up to date).
+    let mut args = vec![
+        "build",
+        "-p",
+        "kms-plugin",
+        "-p",
+        "sidecar",
+        "-p",
+        "bench",
+        "--bins",
+    ];
     if optimized() {
         args.push("--release");
     }
@@ -67,6 +79,7 @@ pub fn build() -> Result<Binaries> {
     Ok(Binaries {
         kms_plugin: copy("kms-plugin")?,
         sidecar: copy("sidecar")?,
+        kms_floor: copy("kms-floor")?,
         built_in,
         command,
         _copies: copies,

@@ -1,23 +1,26 @@
-//! The KMS plugin over its Unix socket, as kube-apiserver sees it.
+//! The KMS plugin over its Unix socket, as kube-apiserver sees it, against two floors.
 //!
-//! Starts `kms-plugin serve` (insecure software backend, `--log-level warn`) on a Unix
-//! socket in a temporary directory and measures, per operation and concurrency, the latency
-//! of every request and the throughput:
+//! Four servers run side by side, each on its own Unix socket:
 //!
-//! * `health` — `grpc.health.v1.Health/Check` on the same socket: a gRPC call that does
-//!   almost nothing. It is the floor: transport, HTTP/2, protobuf and the client itself.
-//! * `status`, `encrypt` (32-byte random DEK seeds), `decrypt` (of ciphertexts made
-//!   beforehand) — `v2.KeyManagementService`.
+//! * `bare`: `kms-floor`, a tonic server of the same `v2.KeyManagementService` in its own
+//!   process that does nothing a plugin must (no crypto, no logs, no metrics). The floor
+//!   users care about: what the plugin adds to tonic itself.
+//! * `plugin`: the real `kms-plugin serve` at the default log level (`info`: one audit
+//!   line per Encrypt and Decrypt), insecure software backend.
+//! * `plugin, warn`: the same at `--log-level warn` (no audit lines).
+//! * `bare + layer`: `kms-floor --authority-layer`, the bare server with the plugin's
+//!   Unix-socket authority layer on its connections: the layer's cost in place.
 //!
-//! The machine is noisy, so measured phases are short and interleaved with floor phases:
-//! `floor, op A, floor, op B, floor, op C, floor, ...` (the op order rotates each round).
-//! Each op phase is compared with the mean p50 of the two floor phases around it, and the
-//! reported ratio is the median of those per-phase ratios. p50, p99 and req/s are medians
-//! over the rounds.
+//! and the plugin's own gRPC health check (`grpc.health.v1.Health/Check`) is the second
+//! floor: transport, HTTP/2 and protobuf in the plugin's process, doing nothing.
+//!
+//! The machine is noisy, so phases are short and interleaved: every plugin phase sits
+//! between two `bare` phases of the same op (or two health phases), and its ratios are
+//! against the mean of those two. Ratios are medians over the rounds; p50, p99 and req/s
+//! are medians of the per-phase values.
 //!
 //! Like kube-apiserver (one gRPC ClientConn, i.e. one HTTP/2 connection, per KMS provider),
-//! concurrency N means N tasks multiplexing streams over ONE connection. A last, shorter
-//! comparison spreads 16 tasks over several connections.
+//! concurrency N means N tasks multiplexing streams over ONE connection.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -39,26 +42,18 @@ use crate::stats::{self, median, percentile};
 
 /// Distinct seeds / ciphertexts / uids cycled through by the workers.
 const POOL: usize = 1024;
-/// The plugin's log level: `info` writes one audit line per Encrypt/Decrypt.
-pub const PLUGIN_LOG_LEVEL: &str = "warn";
-/// Concurrency of the multi-connection comparison.
-const COMPARE_CONCURRENCY: usize = 16;
 
 /// How long and how often to measure.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Measured seconds per (op, concurrency), spread over the rounds.
+    /// Measured seconds per (server, op, concurrency), spread over the rounds.
     pub seconds: f64,
     pub rounds: usize,
-    /// Unrecorded warm-up of every op at each concurrency, before the rounds.
+    /// Unrecorded warm-up of every server and op at each concurrency, before the rounds.
     pub warmup: Duration,
     /// Unrecorded start of every phase.
     pub phase_warmup: Duration,
     pub concurrencies: Vec<usize>,
-    /// Connections of the comparison table (0: none).
-    pub compare_connections: usize,
-    /// Rounds of the comparison table.
-    pub compare_rounds: usize,
     /// Worker threads of the client's tokio runtime (the bench process).
     pub client_threads: usize,
 }
@@ -71,8 +66,6 @@ impl Settings {
             warmup: Duration::from_secs_f64(if quick { 0.2 } else { 1.0 }),
             phase_warmup: Duration::from_millis(if quick { 20 } else { 30 }),
             concurrencies: vec![1, 16, 64],
-            compare_connections: 4,
-            compare_rounds: if quick { 2 } else { 4 },
             client_threads,
         }
     }
@@ -85,18 +78,16 @@ impl Settings {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
-    Floor,
+    Health,
     Status,
     Encrypt,
     Decrypt,
 }
 
 impl Op {
-    const MEASURED: [Op; 3] = [Op::Status, Op::Encrypt, Op::Decrypt];
-
     pub fn name(self) -> &'static str {
         match self {
-            Op::Floor => "health (floor)",
+            Op::Health => "health",
             Op::Status => "Status",
             Op::Encrypt => "Encrypt",
             Op::Decrypt => "Decrypt",
@@ -104,23 +95,64 @@ impl Op {
     }
 }
 
-/// Aggregated result of one op at one concurrency.
+/// The servers measured side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Server {
+    Bare,
+    Plugin,
+    PluginWarn,
+    BareLayer,
+}
+
+impl Server {
+    pub fn name(self) -> &'static str {
+        match self {
+            Server::Bare => "bare tonic",
+            Server::Plugin => "plugin (info, default)",
+            Server::PluginWarn => "plugin (warn)",
+            Server::BareLayer => "bare tonic + authority layer",
+        }
+    }
+}
+
+/// A ratio measured once per round: its median and range.
+#[derive(Debug, Clone, Copy)]
+pub struct Ratio {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Ratio {
+    fn of(values: &[f64]) -> Option<Self> {
+        (!values.is_empty()).then(|| Ratio {
+            median: median(values),
+            min: stats::min(values),
+            max: stats::max(values),
+        })
+    }
+}
+
+/// Aggregated result of one server and op at one concurrency.
 #[derive(Debug, Clone)]
 pub struct Row {
+    pub server: Server,
     pub op: Op,
     pub concurrency: usize,
     pub p50_us: f64,
     pub p99_us: f64,
     pub rps: f64,
-    /// Median over rounds of p50 / mean p50 of the floor phases around it (1 for the floor).
-    pub ratio: f64,
-    pub ratio_min: f64,
-    pub ratio_max: f64,
+    /// p50 / the bare server's p50 for the same op (phases on either side).
+    pub p50_vs_bare: Option<Ratio>,
+    /// req/s / the bare server's req/s for the same op.
+    pub rps_vs_bare: Option<Ratio>,
+    /// p50 / the p50 of the plugin's own health check (phases on either side).
+    pub p50_vs_health: Option<Ratio>,
     pub ok: usize,
     pub errors: usize,
     pub first_error: Option<String>,
-    /// On-CPU time per request of the plugin process and of the bench (client) process.
-    pub plugin_cpu_us: f64,
+    /// On-CPU time per request of the server process and of the bench (client) process.
+    pub server_cpu_us: f64,
     pub client_cpu_us: f64,
 }
 
@@ -128,21 +160,20 @@ pub struct Row {
 pub struct KmsReport {
     pub settings: Settings,
     pub rows: Vec<Row>,
-    /// The comparison over several connections: (connections, rows).
-    pub compare: Option<(usize, Vec<Row>)>,
-    /// Connected, before any load.
+    /// The plugin (default log level), connected, before any load.
     pub mem_rest: Option<Mem>,
-    /// Largest VmRSS sampled every 100 ms during the measured phases.
+    /// Largest VmRSS of the plugin sampled every 100 ms during the measured phases.
     pub rss_under_load_kib: Option<u64>,
     /// Right after the load (VmHWM: the peak over the whole run).
     pub mem_after: Option<Mem>,
     pub reserved: Option<(u64, u64)>,
     pub plugin_log_lines: usize,
     pub plugin_first_error: Option<String>,
+    pub layer: crate::authority::LayerCost,
 }
 
 /// Requests prepared before any measurement, so the client does no crypto or RNG work
-/// while timing.
+/// while timing. Ciphertexts are each server's own.
 struct Fixtures {
     seeds: Vec<Vec<u8>>,
     uids: Vec<String>,
@@ -167,86 +198,133 @@ impl Clients {
     }
 }
 
-/// What every phase needs: the connections, the prepared requests, the plugin's pid.
-struct Ctx {
-    clients: Vec<Clients>,
+/// One server under test: its connection, its fixtures, its pid.
+struct Target {
+    server: Server,
+    clients: Clients,
     fx: Arc<Fixtures>,
     pid: u32,
-    verbose: bool,
 }
 
-pub async fn run(bin: &Path, settings: Settings, verbose: bool) -> Result<KmsReport> {
-    let dir = tempfile::Builder::new().prefix("kms-bench-").tempdir()?;
-    let ks = dir.path().join("ks");
-    let ks = ks.to_str().context("temp dir path is not UTF-8")?;
+/// `kms-floor` as a child process, killed on drop.
+struct Floor {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Floor {
+    async fn spawn(bin: &Path, dir: &Path, name: &str, layer: bool) -> Result<Self> {
+        let socket = dir.join(format!("{name}.sock"));
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg(&socket);
+        if layer {
+            cmd.arg("--authority-layer");
+        }
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("spawning kms-floor")?;
+        let mut f = Self { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::UnixStream::connect(&f.socket).await.is_err() {
+            if let Some(st) = f.child.try_wait()? {
+                bail!("kms-floor exited ({st})");
+            }
+            if Instant::now() > deadline {
+                bail!("kms-floor did not open {} in 10 s", f.socket.display());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(f)
+    }
+}
+
+async fn start_plugin(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+) -> Result<(Serve, String)> {
+    let ks = dir.join(name);
+    let ks = ks
+        .to_str()
+        .context("temp dir path is not UTF-8")?
+        .to_owned();
     let backend = ["--backend".to_owned(), "insecure-software".to_owned()];
     plugin::cli(
         bin,
-        &["key", "init", "--key-store", ks, &backend[0], &backend[1]],
+        &["key", "init", "--key-store", &ks, &backend[0], &backend[1]],
     )?;
-    // Declared after `dir`, so it is dropped (killed) first.
-    let mut plugin = Serve::spawn(
-        bin,
-        ks,
-        &backend,
-        dir.path(),
-        &["--log-level", PLUGIN_LOG_LEVEL],
-    )?;
-    plugin.wait_socket(Duration::from_secs(20)).await?;
+    let mut serve = Serve::spawn(bin, &ks, &backend, dir, extra)?;
+    serve.wait_socket(Duration::from_secs(20)).await?;
+    Ok((serve, ks))
+}
 
-    let clients = vec![Clients::connect(&plugin.socket).await?];
-    let mem_rest = procfs::mem(plugin.pid());
-    let reserved_before = plugin::encryptions_reserved(bin, ks);
-    let fx = Arc::new(prepare(&mut clients[0].clone()).await?);
-    let ctx = Ctx {
-        clients,
-        fx: Arc::clone(&fx),
-        pid: plugin.pid(),
-        verbose,
-    };
+pub async fn run(
+    bin: &Path,
+    floor_bin: &Path,
+    settings: Settings,
+    verbose: bool,
+) -> Result<KmsReport> {
+    let layer = crate::authority::measure();
+    eprintln!(
+        "bench: kms: authority layer alone: {:.0} ns/request passing, {:.0} ns/request rewriting",
+        layer.pass_ns, layer.rewrite_ns
+    );
+    let dir = tempfile::Builder::new().prefix("kms-bench-").tempdir()?;
+    // Declared after `dir`, so they are dropped (killed) first.
+    let (mut info, ks) = start_plugin(bin, dir.path(), "info", &[]).await?;
+    let (mut warn, _) = start_plugin(bin, dir.path(), "warn", &["--log-level", "warn"]).await?;
+    let bare = Floor::spawn(floor_bin, dir.path(), "bare", false).await?;
+    let bare_layer = Floor::spawn(floor_bin, dir.path(), "bare-layer", true).await?;
 
-    let sampler = RssSampler::start(plugin.pid(), Duration::from_millis(100));
+    let seeds_uids = Arc::new(pool());
+    let mut targets = Vec::new();
+    for (server, socket, pid) in [
+        (Server::Bare, &bare.socket, bare.child.id()),
+        (Server::Plugin, &info.socket, info.pid()),
+        (Server::PluginWarn, &warn.socket, warn.pid()),
+        (Server::BareLayer, &bare_layer.socket, bare_layer.child.id()),
+    ] {
+        let mut clients = Clients::connect(socket).await?;
+        let fx = prepare(&mut clients, &seeds_uids, server)
+            .await
+            .with_context(|| format!("preparing {}", server.name()))?;
+        targets.push(Target {
+            server,
+            clients,
+            fx: Arc::new(fx),
+            pid,
+        });
+    }
+    let mem_rest = procfs::mem(info.pid());
+    let reserved_before = plugin::encryptions_reserved(bin, &ks);
+
+    let sampler = RssSampler::start(info.pid(), Duration::from_millis(100));
     let mut rows = Vec::new();
     for &c in &settings.concurrencies {
         eprintln!("bench: kms: concurrency {c}");
-        rows.extend(bench_concurrency(&settings, c, &ctx, &mut plugin).await?);
+        rows.extend(
+            bench_concurrency(&settings, c, &targets, verbose, &mut [&mut info, &mut warn]).await?,
+        );
     }
     let rss_under_load_kib = sampler.finish().await.into_iter().max();
-    let mem_after = procfs::mem(plugin.pid());
+    let mem_after = procfs::mem(info.pid());
 
-    let compare = if settings.compare_connections > 1 {
-        let n = settings.compare_connections;
-        eprintln!("bench: kms: concurrency {COMPARE_CONCURRENCY} over {n} connections");
-        let mut multi = Vec::with_capacity(n);
-        for _ in 0..n {
-            multi.push(Clients::connect(&plugin.socket).await?);
-        }
-        let multi = Ctx {
-            clients: multi,
-            fx: Arc::clone(&fx),
-            pid: plugin.pid(),
-            verbose,
-        };
-        let short = Settings {
-            rounds: settings.compare_rounds,
-            seconds: settings.phase().as_secs_f64() * settings.compare_rounds as f64,
-            ..settings.clone()
-        };
-        Some((
-            n,
-            bench_concurrency(&short, COMPARE_CONCURRENCY, &multi, &mut plugin).await?,
-        ))
-    } else {
-        None
-    };
-
-    plugin.check_alive()?;
-    let reserved = reserved_before.zip(plugin::encryptions_reserved(bin, ks));
-    let logs = plugin.logs();
+    info.check_alive()?;
+    warn.check_alive()?;
+    let reserved = reserved_before.zip(plugin::encryptions_reserved(bin, &ks));
+    let logs = info.logs();
     Ok(KmsReport {
         settings,
         rows,
-        compare,
         mem_rest,
         rss_under_load_kib,
         mem_after,
@@ -256,10 +334,12 @@ pub async fn run(bin: &Path, settings: Settings, verbose: bool) -> Result<KmsRep
             .lines()
             .find(|l| l.contains("ERROR"))
             .map(str::to_owned),
+        layer,
     })
 }
 
-async fn prepare(clients: &mut Clients) -> Result<Fixtures> {
+/// Seeds and uids shared by every server.
+fn pool() -> (Vec<Vec<u8>>, Vec<String>) {
     let mut rng = rand::rng();
     let seeds: Vec<Vec<u8>> = (0..POOL)
         .map(|_| {
@@ -284,6 +364,15 @@ async fn prepare(clients: &mut Clients) -> Result<Fixtures> {
             )
         })
         .collect();
+    (seeds, uids)
+}
+
+async fn prepare(
+    clients: &mut Clients,
+    pool: &(Vec<Vec<u8>>, Vec<String>),
+    server: Server,
+) -> Result<Fixtures> {
+    let (seeds, uids) = (pool.0.clone(), pool.1.clone());
 
     let h = clients
         .health
@@ -333,7 +422,10 @@ async fn prepare(clients: &mut Clients) -> Result<Fixtures> {
         .await?
         .into_inner();
     if &r.plaintext != seed {
-        bail!("Decrypt returned a different seed than was encrypted");
+        bail!(
+            "{}: Decrypt returned a different seed than was encrypted",
+            server.name()
+        );
     }
     Ok(Fixtures {
         seeds,
@@ -357,7 +449,7 @@ async fn call(op: Op, c: &mut Clients, fx: &Fixtures, i: usize) -> Result<(), St
         return Err("fixture index out of range".into());
     };
     match op {
-        Op::Floor => {
+        Op::Health => {
             let r = c
                 .health
                 .check(HealthCheckRequest {
@@ -415,14 +507,13 @@ async fn call(op: Op, c: &mut Clients, fx: &Fixtures, i: usize) -> Result<(), St
 /// One measured phase: `op` at some concurrency for a fixed time.
 #[derive(Debug, Clone)]
 struct Phase {
-    op: Op,
     p50_us: f64,
     p99_us: f64,
     rps: f64,
     ok: usize,
     errors: usize,
     first_error: Option<String>,
-    plugin_cpu_us: f64,
+    server_cpu_us: f64,
     client_cpu_us: f64,
 }
 
@@ -439,7 +530,8 @@ struct WorkerOut {
 async fn run_phase(
     op: Op,
     concurrency: usize,
-    ctx: &Ctx,
+    target: &Target,
+    verbose: bool,
     warmup: Duration,
     measure: Duration,
 ) -> Result<Phase> {
@@ -447,7 +539,7 @@ async fn run_phase(
     let measure_from = start + warmup;
     let end = measure_from + measure;
     // CPU time of both processes over exactly the measured window.
-    let pid = ctx.pid.to_string();
+    let pid = target.pid.to_string();
     let sampler = tokio::spawn(async move {
         tokio::time::sleep_until(measure_from.into()).await;
         let (p0, c0) = (procfs::cpu_ns(&pid), procfs::cpu_ns("self"));
@@ -458,11 +550,8 @@ async fn run_phase(
     let per_task = (measure.as_secs_f64() * 50_000.0 / concurrency as f64) as usize + 16;
     let mut tasks = Vec::with_capacity(concurrency);
     for k in 0..concurrency {
-        let Some(c) = ctx.clients.get(k % ctx.clients.len()) else {
-            bail!("no connection");
-        };
-        let mut c = c.clone();
-        let fx = Arc::clone(&ctx.fx);
+        let mut c = target.clients.clone();
+        let fx = Arc::clone(&target.fx);
         tasks.push(tokio::spawn(async move {
             let mut out = WorkerOut {
                 lat_ns: Vec::with_capacity(per_task),
@@ -510,25 +599,25 @@ async fn run_phase(
     let (plugin_ns, client_ns) = sampler.await?;
     let requests = (all.len() + errors).max(1) as f64;
     let phase = Phase {
-        op,
         p50_us: percentile(&all, 50.0) as f64 / 1000.0,
         p99_us: percentile(&all, 99.0) as f64 / 1000.0,
         rps: all.len() as f64 / measure.as_secs_f64(),
         ok: all.len(),
         errors,
         first_error,
-        plugin_cpu_us: plugin_ns as f64 / 1000.0 / requests,
+        server_cpu_us: plugin_ns as f64 / 1000.0 / requests,
         client_cpu_us: client_ns as f64 / 1000.0 / requests,
     };
-    if ctx.verbose && !measure.is_zero() {
+    if verbose && !measure.is_zero() {
         eprintln!(
-            "  phase {:<15} c={:<3} p50 {:>8.1} µs  p99 {:>8.1} µs  {:>7.0} req/s  cpu/req plugin {:>5.1} µs client {:>5.1} µs  errors {}",
+            "  phase {:<29} {:<8} c={:<3} p50 {:>8.1} µs  p99 {:>8.1} µs  {:>7.0} req/s  cpu/req server {:>5.1} µs client {:>5.1} µs  errors {}",
+            target.server.name(),
             op.name(),
             concurrency,
             phase.p50_us,
             phase.p99_us,
             phase.rps,
-            phase.plugin_cpu_us,
+            phase.server_cpu_us,
             phase.client_cpu_us,
             phase.errors
         );
@@ -536,67 +625,172 @@ async fn run_phase(
     Ok(phase)
 }
 
-/// Warm-up, then `rounds` rounds of `floor, A, floor, B, floor, C, floor` with the op order
-/// rotated each round (consecutive rounds share the floor phase between them).
+/// Phases in one round of [`round_plan`].
+pub const PHASES_PER_ROUND: usize = 18;
+
+/// One round at one concurrency: which phases, in order. Every plugin phase of an op sits
+/// between two `bare` phases of that op, Status between two health phases.
+fn round_plan() -> Vec<(Server, Op)> {
+    use Op::*;
+    use Server::*;
+    vec![
+        (Plugin, Health),
+        (Plugin, Status),
+        (Plugin, Health),
+        (Bare, Encrypt),
+        (Plugin, Encrypt),
+        (Bare, Encrypt),
+        (PluginWarn, Encrypt),
+        (Bare, Encrypt),
+        (BareLayer, Encrypt),
+        (Bare, Encrypt),
+        (Plugin, Health),
+        (Bare, Decrypt),
+        (Plugin, Decrypt),
+        (Bare, Decrypt),
+        (PluginWarn, Decrypt),
+        (Bare, Decrypt),
+        (BareLayer, Decrypt),
+        (Bare, Decrypt),
+    ]
+}
+
+/// Warm-up of every (server, op), then `rounds` rounds of [`round_plan`].
 async fn bench_concurrency(
     s: &Settings,
     concurrency: usize,
-    ctx: &Ctx,
-    plugin: &mut Serve,
+    targets: &[Target],
+    verbose: bool,
+    plugins: &mut [&mut Serve],
 ) -> Result<Vec<Row>> {
+    let target = |server: Server| {
+        targets
+            .iter()
+            .find(|t| t.server == server)
+            .ok_or_else(|| anyhow!("no {} target", server.name()))
+    };
     let w = s.warmup / 4;
-    for op in [Op::Floor, Op::Status, Op::Encrypt, Op::Decrypt] {
-        run_phase(op, concurrency, ctx, w, Duration::ZERO).await?;
-    }
-    plugin.check_alive()?;
-
-    let phase = s.phase();
-    let ops = Op::MEASURED;
-    let mut floors: Vec<Phase> = Vec::new();
-    // (phase, ratio to the mean p50 of the floors around it)
-    let mut measured: Vec<(Phase, f64)> = Vec::new();
-    let mut prev_floor = run_phase(Op::Floor, concurrency, ctx, s.phase_warmup, phase).await?;
-    floors.push(prev_floor.clone());
-    for round in 0..s.rounds {
-        for j in 0..ops.len() {
-            let op = ops[(j + round) % ops.len()];
-            let p = run_phase(op, concurrency, ctx, s.phase_warmup, phase).await?;
-            let next_floor = run_phase(Op::Floor, concurrency, ctx, s.phase_warmup, phase).await?;
-            let floor_p50 = (prev_floor.p50_us + next_floor.p50_us) / 2.0;
-            let ratio = p.p50_us / floor_p50;
-            measured.push((p, ratio));
-            floors.push(next_floor.clone());
-            prev_floor = next_floor;
+    for t in targets {
+        for op in [Op::Health, Op::Status, Op::Encrypt, Op::Decrypt] {
+            run_phase(op, concurrency, t, false, w, Duration::ZERO).await?;
         }
-        plugin.check_alive()?;
+    }
+    for p in plugins.iter_mut() {
+        p.check_alive()?;
     }
 
-    let row = |op: Op, phases: &[&Phase], ratios: &[f64]| {
+    let plan = round_plan();
+    // Every phase of every round, in order: (server, op, phase).
+    let mut all: Vec<Vec<(Server, Op, Phase)>> = Vec::new();
+    for _ in 0..s.rounds {
+        let mut round = Vec::new();
+        for &(server, op) in &plan {
+            let p = run_phase(
+                op,
+                concurrency,
+                target(server)?,
+                verbose,
+                s.phase_warmup,
+                s.phase(),
+            )
+            .await?;
+            round.push((server, op, p));
+        }
+        all.push(round);
+        for p in plugins.iter_mut() {
+            p.check_alive()?;
+        }
+    }
+
+    // Ratios of each phase to the reference phases just before and after it in its round.
+    let around = |round: &[(Server, Op, Phase)], i: usize, server: Server, op: Op| {
+        let is_ref = |j: &usize| round[*j].0 == server && round[*j].1 == op;
+        let before = (0..i).rev().find(is_ref);
+        let after = (i + 1..round.len()).find(is_ref);
+        let refs: Vec<&Phase> = before
+            .into_iter()
+            .chain(after)
+            .map(|j| &round[j].2)
+            .collect();
+        (!refs.is_empty()).then(|| {
+            let n = refs.len() as f64;
+            (
+                refs.iter().map(|p| p.p50_us).sum::<f64>() / n,
+                refs.iter().map(|p| p.rps).sum::<f64>() / n,
+            )
+        })
+    };
+    let mut rows = Vec::new();
+    let mut kinds: Vec<(Server, Op)> = Vec::new();
+    for k in plan {
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
+    }
+    for (server, op) in kinds {
+        let mut phases = Vec::new();
+        let (mut vs_bare, mut rps_bare, mut vs_health) = (Vec::new(), Vec::new(), Vec::new());
+        for round in &all {
+            for (i, (sv, o, p)) in round.iter().enumerate() {
+                if *sv != server || *o != op {
+                    continue;
+                }
+                phases.push(p);
+                let bare_ref = server != Server::Bare && matches!(op, Op::Encrypt | Op::Decrypt);
+                if let Some((p50, rps)) = bare_ref
+                    .then(|| around(round, i, Server::Bare, op))
+                    .flatten()
+                {
+                    vs_bare.push(p.p50_us / p50);
+                    rps_bare.push(p.rps / rps);
+                }
+                let plugin = matches!(server, Server::Plugin | Server::PluginWarn);
+                if let Some((p50, _)) = (plugin && op != Op::Health)
+                    .then(|| around(round, i, Server::Plugin, Op::Health))
+                    .flatten()
+                {
+                    vs_health.push(p.p50_us / p50);
+                }
+            }
+        }
         let med = |f: fn(&Phase) -> f64| median(&phases.iter().map(|p| f(p)).collect::<Vec<_>>());
-        Row {
+        rows.push(Row {
+            server,
             op,
             concurrency,
             p50_us: med(|p| p.p50_us),
             p99_us: med(|p| p.p99_us),
             rps: med(|p| p.rps),
-            ratio: median(ratios),
-            ratio_min: stats::min(ratios),
-            ratio_max: stats::max(ratios),
+            p50_vs_bare: Ratio::of(&vs_bare),
+            rps_vs_bare: Ratio::of(&rps_bare),
+            p50_vs_health: Ratio::of(&vs_health),
             ok: phases.iter().map(|p| p.ok).sum(),
             errors: phases.iter().map(|p| p.errors).sum(),
             first_error: phases.iter().find_map(|p| p.first_error.clone()),
-            plugin_cpu_us: med(|p| p.plugin_cpu_us),
+            server_cpu_us: med(|p| p.server_cpu_us),
             client_cpu_us: med(|p| p.client_cpu_us),
-        }
-    };
-    let mut rows = vec![row(Op::Floor, &floors.iter().collect::<Vec<_>>(), &[1.0])];
-    for op in ops {
-        let (phases, ratios): (Vec<&Phase>, Vec<f64>) = measured
-            .iter()
-            .filter(|(p, _)| p.op == op)
-            .map(|(p, r)| (p, *r))
-            .unzip();
-        rows.push(row(op, &phases, &ratios));
+        });
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_measured_phase_has_its_references_in_the_round() {
+        let plan = round_plan();
+        assert_eq!(plan.len(), PHASES_PER_ROUND);
+        for (i, &(server, op)) in plan.iter().enumerate() {
+            let has =
+                |s: Server, o: Op| plan[..i].contains(&(s, o)) && plan[i + 1..].contains(&(s, o));
+            if server != Server::Bare && matches!(op, Op::Encrypt | Op::Decrypt) {
+                assert!(has(Server::Bare, op), "{server:?} {op:?} at {i}");
+            }
+            if op == Op::Status {
+                assert!(has(Server::Plugin, Op::Health));
+            }
+        }
+    }
 }

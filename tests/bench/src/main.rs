@@ -8,13 +8,15 @@
 //! ```
 //!
 //! It first builds `kms-plugin` and `sidecar` with its own profile
-//! (`cargo build -p kms-plugin -p sidecar --bins [--release]`), then runs, in order:
+//! (`cargo build -p kms-plugin -p sidecar -p bench --bins [--release]`; bench's
+//! `kms-floor` is the bare tonic floor), then runs, in order:
 //! the KMS gRPC benchmark ([`kms_grpc`]), the TPM one on swtpm ([`kms_tpm`], skipped with a
 //! note when swtpm is missing) and the sidecar one against the in-process test vault
 //! ([`sidecar_sync`]). Progress goes to stderr, the report to stdout or `--out`. Numbers are
 //! printed, never asserted; a section that fails is reported as failed, the others still
 //! run, and the exit status is then non-zero (and `--out` is left untouched).
 
+mod authority;
 mod binaries;
 mod kms_grpc;
 mod kms_tpm;
@@ -92,6 +94,7 @@ fn main() -> Result<()> {
             let kms = section(wants(Section::Kms), "kms", async {
                 kms_grpc::run(
                     &bins.kms_plugin,
+                    &bins.kms_floor,
                     kms_grpc::Settings::new(cli.quick, CLIENT_THREADS),
                     cli.verbose,
                 )

@@ -4,7 +4,10 @@
 //! Encrypt returns the plaintext as the ciphertext with the plugin's annotation; Decrypt
 //! returns the ciphertext. What the plugin costs on top of this is what it adds to tonic.
 //!
-//! Usage: kms-floor SOCKET (runs until killed).
+//! With `--authority-layer`, every connection goes through the plugin's Unix-socket
+//! authority layer first (`kms_plugin::server::authority`): that layer's cost in place.
+//!
+//! Usage: kms-floor SOCKET [--authority-layer] (runs until killed).
 
 use std::collections::HashMap;
 
@@ -55,7 +58,8 @@ impl KeyManagementService for Floor {
 fn main() -> anyhow::Result<()> {
     let socket = std::env::args()
         .nth(1)
-        .ok_or_else(|| anyhow::anyhow!("usage: kms-floor SOCKET"))?;
+        .ok_or_else(|| anyhow::anyhow!("usage: kms-floor SOCKET [--authority-layer]"))?;
+    let layer = std::env::args().nth(2).as_deref() == Some("--authority-layer");
     // The plugin's runtime: two worker threads.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -68,11 +72,18 @@ fn main() -> anyhow::Result<()> {
         reporter
             .set_serving::<KeyManagementServiceServer<Floor>>()
             .await;
-        tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .add_service(health)
-            .add_service(KeyManagementServiceServer::new(Floor))
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-            .await?;
+            .add_service(KeyManagementServiceServer::new(Floor));
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        if layer {
+            use tokio_stream::StreamExt as _;
+            let wrapped =
+                incoming.map(|r| r.map(kms_plugin::server::authority::AuthorityLayer::new));
+            router.serve_with_incoming(wrapped).await?;
+        } else {
+            router.serve_with_incoming(incoming).await?;
+        }
         anyhow::Ok(())
     })
 }
