@@ -74,6 +74,7 @@ fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
         "envelope" => envelope_seeds(),
         "manifest" => manifest_seeds(),
         "tpm_blob" => tpm_blob_seeds(),
+        "http2_authority" => http2_seeds(),
         other => panic!("no seeds for {other}"),
     }
 }
@@ -179,4 +180,60 @@ fn tpm_blob_seeds() -> Vec<(String, Vec<u8>)> {
     .collect();
     out.push(("pcr-policy-text".into(), b"sha1:0, 23".to_vec()));
     out
+}
+
+/// Client byte streams after the preface: requests with a valid and a path authority (with
+/// HPACK dynamic-table references across blocks, as grpc-go sends), one split over
+/// CONTINUATION frames, one padded with a priority.
+fn http2_seeds() -> Vec<(String, Vec<u8>)> {
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        out.extend_from_slice(&[kind, flags]);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+    }
+    let requests = |authority: &[u8], split: usize, padded: bool| {
+        let mut enc = loona_hpack::Encoder::new();
+        let mut out = Vec::new();
+        frame(0x4, 0, 0, &[], &mut out);
+        for stream in [1u32, 3, 5] {
+            let block = enc.encode([
+                (&b":method"[..], &b"POST"[..]),
+                (b":scheme", b"http"),
+                (b":path", b"/v2.KeyManagementService/Status"),
+                (b":authority", authority),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+            ]);
+            let chunks: Vec<&[u8]> = block.chunks(split).collect();
+            for (i, c) in chunks.iter().enumerate() {
+                let end = if i + 1 == chunks.len() { 0x4 } else { 0 };
+                if i == 0 && padded {
+                    let mut p = vec![2, 0, 0, 0, 0, 16];
+                    p.extend_from_slice(c);
+                    p.extend_from_slice(&[0, 0]);
+                    frame(0x1, end | 0x8 | 0x20, stream, &p, &mut out);
+                } else {
+                    frame(if i == 0 { 0x1 } else { 0x9 }, end, stream, c, &mut out);
+                }
+            }
+            frame(0x0, 0x1, stream, &[0, 0, 0, 0, 0], &mut out);
+        }
+        out
+    };
+    vec![
+        ("localhost".into(), requests(b"localhost", 4096, false)),
+        (
+            "socket-path".into(),
+            requests(b"/var/run/kms.sock", 4096, false),
+        ),
+        (
+            "escaped-path-continuation".into(),
+            requests(b"%2Fvar%2Frun%2Fkms.sock", 7, false),
+        ),
+        (
+            "padded-priority".into(),
+            requests(b"/tmp/k.sock", 4096, true),
+        ),
+    ]
 }

@@ -36,6 +36,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("envelope", envelope),
     ("manifest", manifest),
     ("tpm_blob", tpm_blob),
+    ("http2_authority", http2_authority),
 ];
 
 // The layout in envelope.rs: format byte, 96-bit nonce, body, 128-bit GCM tag.
@@ -188,5 +189,50 @@ pub fn tpm_blob(data: &[u8]) {
     {
         assert_eq!(PcrPolicy::parse(&policy.to_string()), Ok(policy));
         assert_eq!(PcrPolicy::decode(policy.encode()), Some(policy));
+    }
+}
+
+/// `http2_authority`: the Unix-socket `:authority` layer on a client's byte stream (the
+/// input, after the connection preface). Whatever the bytes, it must not panic, and the
+/// way they arrive must not matter: fed whole, byte by byte, or in chunks cut by the
+/// input itself, it gives the same output bytes and the same verdict.
+pub fn http2_authority(data: &[u8]) {
+    use crate::server::authority::Rewriter;
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let input = [PREFACE, data].concat();
+    let run = |chunks: &mut dyn Iterator<Item = &[u8]>| {
+        let mut r = Rewriter::new();
+        let mut out = Vec::new();
+        for c in chunks {
+            if r.feed(c).is_err() {
+                // Output already handed on before the error stays handed on.
+                out.extend_from_slice(r.output());
+                return (out, false);
+            }
+            out.extend_from_slice(&r.output().split());
+        }
+        (out, true)
+    };
+    let whole = run(&mut std::iter::once(&input[..]));
+    let bytewise = run(&mut input.chunks(1));
+    let step = usize::from(data.first().copied().unwrap_or(7)).max(1);
+    let chunked = run(&mut input.chunks(step));
+    assert_eq!(
+        whole.1, bytewise.1,
+        "the verdict depends on how the bytes arrive"
+    );
+    assert_eq!(
+        whole.1, chunked.1,
+        "the verdict depends on how the bytes arrive"
+    );
+    if whole.1 {
+        assert_eq!(
+            whole.0, bytewise.0,
+            "the output depends on how the bytes arrive"
+        );
+        assert_eq!(
+            whole.0, chunked.0,
+            "the output depends on how the bytes arrive"
+        );
     }
 }
