@@ -148,6 +148,11 @@ impl Kms {
         &self,
         encrypt: impl Fn() -> Result<T, KmsError>,
     ) -> Result<T, KmsError> {
+        // The common case: the active key has reserved encryptions left.
+        match encrypt() {
+            Err(KmsError::Budget(BudgetError::ReservationPending { .. })) => {}
+            r => return r.map_err(|e| self.explain(e)),
+        }
         let deadline = tokio::time::Instant::now() + RESERVATION_WAIT;
         loop {
             // Registered before the attempt, so a grant between the two is not missed.

@@ -8,12 +8,17 @@
 //! reads the client's frames, and replaces an authority `h2` would refuse with
 //! `localhost`. Everything else reaches `h2` unchanged.
 //!
-//! How: every header block is decoded (the client's HPACK dynamic table must be tracked
-//! either way). While no block needs a change, blocks pass byte for byte. From the first
-//! block that does, every block is re-encoded as literals without indexing, so `h2`'s
-//! dynamic table never again depends on the client's. Non-header frames are copied
-//! through without being buffered whole. Memory per connection is bounded by
-//! [`MAX_BLOCK`] and [`MAX_DECODED`]; anything malformed ends that connection only.
+//! How: the connection's first header block (a request's HEADERS) is decoded. If its
+//! authority is one `h2` accepts (or absent), the block and everything after it pass byte
+//! for byte with no more decoding: a gRPC client keeps one authority per connection, so
+//! newer apiservers, tonic and grpcurl cost a copy. Otherwise every block from then on is
+//! decoded (the client's HPACK dynamic table must be tracked) and re-encoded as literals
+//! without indexing with the authority replaced, so `h2`'s dynamic table never again
+//! depends on the client's. Non-header frames are copied through without being buffered
+//! whole. Memory per connection is bounded by [`MAX_BLOCK`] and [`MAX_DECODED`]; anything
+//! malformed ends that connection only. (A client that changed to a bad authority later
+//! on a settled connection would get h2's own refusal for that stream, as without this
+//! layer.)
 
 use std::io;
 use std::pin::Pin;
@@ -115,6 +120,8 @@ pub struct Rewriter {
     fields: Vec<(usize, usize, usize)>,
     /// Set once a block has been re-encoded: every later block must be too.
     reencode: bool,
+    /// Set once the first block passed unchanged: nothing more to look at.
+    settled: bool,
     rewritten: u64,
     /// The first authority replaced (a socket path: not secret), for the log.
     first_replaced: Option<String>,
@@ -139,6 +146,7 @@ impl Rewriter {
             arena: Vec::new(),
             fields: Vec::new(),
             reencode: false,
+            settled: false,
             rewritten: 0,
             first_replaced: None,
         }
@@ -233,7 +241,11 @@ impl Rewriter {
                     }
                     let frame = self.input.split_to(FRAME_HEAD + len);
                     self.header_frame(kind, flags, frame)?;
-                    self.state = State::FrameHead;
+                    self.state = if self.settled {
+                        State::Passthrough
+                    } else {
+                        State::FrameHead
+                    };
                 }
             }
         }
@@ -323,6 +335,7 @@ impl Rewriter {
         }
         if !self.reencode {
             self.output.unsplit(block.raw);
+            self.settled = true;
             return Ok(());
         }
         let mut hpack = Vec::with_capacity(self.arena.len() + 8 * self.fields.len());
@@ -631,6 +644,16 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_settled_by_its_first_block_is_not_decoded_again() {
+        let mut c = Client::new();
+        c.request(&request(Some(b"localhost"), b"/p"), 4096, b"");
+        // Bytes that are not HPACK at all: h2 refuses them itself, the layer no longer looks.
+        c.bytes
+            .extend(frame(HEADERS, END_HEADERS, 3, &[0xff, 0x7f]));
+        assert_eq!(run(&c.bytes, 5).unwrap(), c.bytes);
+    }
+
+    #[test]
     fn path_authorities_become_localhost_and_all_else_survives() {
         for authority in [
             &b"/var/run/kmsplugin/socket.sock"[..],
@@ -639,13 +662,20 @@ mod tests {
         ] {
             let mut c = Client::new();
             let mut expected = Vec::new();
-            // A first request that needs nothing, then ones that do: the dynamic table
-            // entries the client makes along the way must still resolve.
-            let first = request(Some(b"localhost"), b"/grpc.health.v1.Health/Check");
+            // A first request that needs the change, then more (one with a valid authority
+            // among them): the dynamic table entries the client makes along the way must
+            // still resolve.
+            let mut first = request(Some(authority), b"/grpc.health.v1.Health/Check");
             c.request(&first, 4096, b"a");
+            first[3].1 = b"localhost".to_vec();
             expected.push(first);
             for i in 0..20u8 {
-                let mut f = request(Some(authority), b"/v2.KeyManagementService/Encrypt");
+                let a = if i == 10 {
+                    &b"localhost"[..]
+                } else {
+                    authority
+                };
+                let mut f = request(Some(a), b"/v2.KeyManagementService/Encrypt");
                 f.push((b"grpc-timeout".to_vec(), format!("{i}m").into_bytes()));
                 c.request(&f, 3, &[i]);
                 for (n, v) in f.iter_mut() {

@@ -273,11 +273,6 @@ pub async fn run(
     settings: Settings,
     verbose: bool,
 ) -> Result<KmsReport> {
-    let layer = crate::authority::measure();
-    eprintln!(
-        "bench: kms: authority layer alone: {:.0} ns/request passing, {:.0} ns/request rewriting",
-        layer.pass_ns, layer.rewrite_ns
-    );
     let dir = tempfile::Builder::new().prefix("kms-bench-").tempdir()?;
     // Declared after `dir`, so they are dropped (killed) first.
     let (mut info, ks) = start_plugin(bin, dir.path(), "info", &[]).await?;
@@ -285,6 +280,13 @@ pub async fn run(
     let bare = Floor::spawn(floor_bin, dir.path(), "bare", false).await?;
     let bare_layer = Floor::spawn(floor_bin, dir.path(), "bare-layer", true).await?;
 
+    let layer = crate::authority::measure(dir.path(), &bare_layer.socket).await;
+    for c in &layer.captures {
+        eprintln!(
+            "bench: kms: authority layer alone, {}: {:.0} ns/request",
+            c.client, c.ns_per_request
+        );
+    }
     let seeds_uids = Arc::new(pool());
     let mut targets = Vec::new();
     for (server, socket, pid) in [
