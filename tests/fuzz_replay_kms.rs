@@ -75,6 +75,7 @@ fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
         "manifest" => manifest_seeds(),
         "tpm_blob" => tpm_blob_seeds(),
         "http2_authority" => http2_seeds(),
+        "hpack" => hpack_seeds(),
         other => panic!("no seeds for {other}"),
     }
 }
@@ -236,4 +237,29 @@ fn http2_seeds() -> Vec<(String, Vec<u8>)> {
             requests(b"/tmp/k.sock", 4096, true),
         ),
     ]
+}
+
+/// Header blocks as the fuzz target reads them (a length byte, then the block): the
+/// blocks of the http2 seeds' HEADERS frames, one connection each.
+fn hpack_seeds() -> Vec<(String, Vec<u8>)> {
+    http2_seeds()
+        .into_iter()
+        .map(|(name, stream)| {
+            let mut out = Vec::new();
+            let mut rest = &stream[..];
+            while rest.len() >= 9 {
+                let len = (rest[0] as usize) << 16 | (rest[1] as usize) << 8 | rest[2] as usize;
+                let (kind, flags) = (rest[3], rest[4]);
+                let payload = &rest[9..9 + len];
+                // Whole blocks only: one HEADERS frame, unpadded, no priority.
+                if kind == 0x1 && flags & 0x4 != 0 && flags & 0x28 == 0 && payload.len() < 256 {
+                    out.push(payload.len() as u8);
+                    out.extend_from_slice(payload);
+                }
+                rest = &rest[9 + len..];
+            }
+            (name, out)
+        })
+        .filter(|(_, blocks)| !blocks.is_empty())
+        .collect()
 }

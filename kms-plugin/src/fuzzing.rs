@@ -37,6 +37,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("manifest", manifest),
     ("tpm_blob", tpm_blob),
     ("http2_authority", http2_authority),
+    ("hpack", hpack),
 ];
 
 // The layout in envelope.rs: format byte, 96-bit nonce, body, 128-bit GCM tag.
@@ -234,5 +235,41 @@ pub fn http2_authority(data: &[u8]) {
             whole.0, chunked.0,
             "the output depends on how the bytes arrive"
         );
+    }
+}
+
+/// `hpack`: our HPACK decoder (`server::hpack`) against `loona-hpack`, block after block
+/// on one connection's tables: both accept the same blocks with the same fields, until
+/// the first block either refuses. The input is blocks, each a length byte and that many
+/// bytes. One difference is by design: a table size update after a field, which RFC 7541
+/// §4.2 forbids and loona-hpack lets through, is refused here.
+pub fn hpack(data: &[u8]) {
+    use crate::server::hpack::{Decoder, Flow, HpackError};
+    let mut ours = Decoder::new(4096);
+    let mut reference = loona_hpack::Decoder::new();
+    reference.set_max_allowed_table_size(4096);
+    let mut rest = data;
+    while let Some((&len, tail)) = rest.split_first() {
+        let len = usize::from(len).min(tail.len());
+        let (block, tail) = tail.split_at(len);
+        rest = tail;
+        let mut got = Vec::new();
+        let r = ours.decode(block, |n, v| {
+            got.push((n.to_vec(), v.to_vec()));
+            Flow::Continue
+        });
+        let want = reference.decode(block);
+        if r == Err(HpackError::LateSizeUpdate) {
+            return;
+        }
+        assert_eq!(
+            r.is_ok(),
+            want.is_ok(),
+            "one decoder accepts a block the other refuses: ours {r:?}, loona-hpack {want:?}"
+        );
+        match want {
+            Ok(want) => assert_eq!(got, want, "the decoders disagree on a field"),
+            Err(_) => return,
+        }
     }
 }

@@ -25,6 +25,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, BytesMut};
+
+use super::hpack::{Flow, encode_integer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The client connection preface (RFC 9113 §3.4).
@@ -114,7 +116,7 @@ pub struct Rewriter {
     input: BytesMut,
     output: BytesMut,
     block: Option<Block>,
-    decoder: loona_hpack::Decoder<'static>,
+    decoder: super::hpack::Decoder,
     /// Decoded fields of the current block: names and values end to end in `arena`.
     arena: Vec<u8>,
     fields: Vec<(usize, usize, usize)>,
@@ -135,14 +137,12 @@ impl Default for Rewriter {
 
 impl Rewriter {
     pub fn new() -> Self {
-        let mut decoder = loona_hpack::Decoder::new();
-        decoder.set_max_allowed_table_size(TABLE_SIZE);
         Self {
             state: State::Preface(0),
             input: BytesMut::new(),
             output: BytesMut::new(),
             block: None,
-            decoder,
+            decoder: super::hpack::Decoder::new(TABLE_SIZE),
             arena: Vec::new(),
             fields: Vec::new(),
             reencode: false,
@@ -308,22 +308,23 @@ impl Rewriter {
         let mut replace = false;
         let first_replaced = &mut self.first_replaced;
         self.decoder
-            .decode_with_cb(&block.fragment, |name, value| {
+            .decode(&block.fragment, |name, value| {
                 if arena.len() + name.len() + value.len() > MAX_DECODED {
                     too_large = true;
-                    return;
+                    return Flow::Stop;
                 }
-                let is_authority = &*name == b":authority";
-                let bad = is_authority && !authority_is_valid(&value);
+                let is_authority = name == b":authority";
+                let bad = is_authority && !authority_is_valid(value);
                 replace |= bad;
                 if bad && first_replaced.is_none() {
                     *first_replaced =
-                        Some(String::from_utf8_lossy(&value).chars().take(200).collect());
+                        Some(String::from_utf8_lossy(value).chars().take(200).collect());
                 }
                 let start = arena.len();
-                arena.extend_from_slice(&name);
-                arena.extend_from_slice(if bad { REPLACEMENT } else { &value });
+                arena.extend_from_slice(name);
+                arena.extend_from_slice(if bad { REPLACEMENT } else { value });
                 fields.push((start, name.len(), arena.len()));
+                Flow::Continue
             })
             .map_err(|e| FrameError::Hpack(e.to_string()))?;
         if too_large {
@@ -384,8 +385,7 @@ impl Rewriter {
 fn literal_without_indexing(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
     out.push(0);
     for s in [name, value] {
-        // Writing into a Vec cannot fail.
-        let _ = loona_hpack::encoder::encode_integer_into(s.len(), 7, 0, out);
+        encode_integer(s.len(), 7, 0, out);
         out.extend_from_slice(s);
     }
 }

@@ -2,6 +2,7 @@
 //! the HTTP listener, and runs until SIGTERM/SIGINT.
 
 pub mod authority;
+pub mod hpack;
 pub mod http;
 pub mod keeper;
 pub mod socket;
