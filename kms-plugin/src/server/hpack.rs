@@ -294,8 +294,17 @@ fn string<'a>(block: &'a [u8], out: &mut Vec<u8>) -> Result<&'a [u8], HpackError
     }
     let (raw, rest) = rest.split_at(len);
     if huffman {
+        let start = out.len();
         httlib_huffman::decode(raw, out, httlib_huffman::DecoderSpeed::FourBits)
             .map_err(|_| HpackError::Huffman)?;
+        // A string has exactly one valid Huffman coding (its codes, then at most 7 bits of
+        // the EOS code's leading 1s). httlib-huffman accepts some invalid paddings (zero
+        // bits, found by the `hpack` fuzz target), so the input must be that coding.
+        let mut again = Vec::with_capacity(raw.len());
+        httlib_huffman::encode(&out[start..], &mut again).map_err(|_| HpackError::Huffman)?;
+        if again != raw {
+            return Err(HpackError::Huffman);
+        }
     } else {
         out.extend_from_slice(raw);
     }
@@ -441,6 +450,8 @@ mod tests {
             (&[0x82, 0x20], HpackError::LateSizeUpdate),
             (&[0x20], HpackError::SizeUpdateAtEnd),
             (&[0x00, 0x81, 0xff, 0x81, 0x00], HpackError::Huffman),
+            // Five '0' symbols (5 bits each) padded with zero bits instead of ones.
+            (&[0x00, 0x84, 0, 0, 0, 0, 0x00], HpackError::Huffman),
         ] {
             assert_eq!(ours(&mut d, block), Err(want), "{block:?}");
         }
