@@ -584,3 +584,22 @@ fn leftover_entries(dir: &Path) -> Vec<String> {
         .filter(|n| n != "stderr.log")
         .collect()
 }
+
+/// The serving plugin holds every KEK in clear: it writes no core file on a crash (the
+/// limit is 0, soft and hard, so nothing it runs can raise it).
+#[tokio::test]
+async fn the_plugin_can_write_no_core_dump() {
+    let store = Store::init();
+    let plugin = Plugin::start(&store, &[]).await;
+    let pid = plugin.child.id();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("no core limit line");
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+    let mut c = plugin.v2().await;
+    let st = c.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.healthz, "ok");
+}

@@ -14,6 +14,7 @@ pub mod envelope;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod grpc;
+pub mod hardening;
 pub mod keyadmin;
 pub mod keyid;
 pub mod keyring;

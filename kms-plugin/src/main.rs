@@ -28,6 +28,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or_else(|| "info".into());
     // Declared before the runtime, so it is dropped after it: every line is written out.
     let _log = kms_plugin::logging::init(format, &level)?;
+    // Before any command can unseal a key.
+    kms_plugin::hardening::apply();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
