@@ -187,12 +187,11 @@ fn tpm_blob_seeds() -> Vec<(String, Vec<u8>)> {
 /// HPACK dynamic-table references across blocks, as grpc-go sends), one split over
 /// CONTINUATION frames, one padded with a priority.
 fn http2_seeds() -> Vec<(String, Vec<u8>)> {
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8], out: &mut Vec<u8>) {
-        out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
-        out.extend_from_slice(&[kind, flags]);
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(payload);
-    }
+    let frame = |kind, flags, stream, payload: &[u8], out: &mut Vec<u8>| {
+        out.extend(edgeseal_test_support::h2_frame(
+            kind, flags, stream, payload,
+        ));
+    };
     let requests = |authority: &[u8], split: usize, padded: bool| {
         let mut enc = loona_hpack::Encoder::new();
         let mut out = Vec::new();

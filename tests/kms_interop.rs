@@ -207,13 +207,7 @@ async fn python_grpcio_with_its_default_and_a_path_authority() {
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let mut v = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-    v.extend_from_slice(&[kind, flags]);
-    v.extend_from_slice(&stream.to_be_bytes());
-    v.extend_from_slice(payload);
-    v
-}
+use edgeseal_test_support::h2_frame as frame;
 
 /// A literal header field without indexing (RFC 7541 §6.2.2), short strings only.
 fn literal(name: &str, value: &str) -> Vec<u8> {

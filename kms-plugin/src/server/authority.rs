@@ -408,10 +408,6 @@ impl<S> AuthorityLayer<S> {
             reported: false,
         }
     }
-
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for AuthorityLayer<S> {
@@ -524,14 +520,7 @@ mod tests {
         f
     }
 
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
-        v.extend_from_slice(&[kind, flags]);
-        v.extend_from_slice(&stream.to_be_bytes());
-        v.extend_from_slice(payload);
-        v
-    }
+    use edgeseal_test_support::h2_frame as frame;
 
     /// A client's view: its own HPACK encoder (with the dynamic table, as grpc-go's).
     struct Client {

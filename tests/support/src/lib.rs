@@ -1,5 +1,6 @@
 //! Shared by the black-box tests (`tests/common`), the benchmark report (`tests/bench`)
-//! and the soak (`tests/soak`): how to run a software TPM and how to dial the plugin.
+//! and the soak (`tests/soak`): how to run a software TPM, how to dial the plugin, and
+//! the HTTP/2 frame layout the hand-made HTTP/2 tests write.
 //! Each caller keeps its own lifecycle (retries, restarts, error style); only the facts
 //! that must not drift apart live here.
 
@@ -88,4 +89,14 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// One HTTP/2 frame (RFC 9113 §4.1): 24-bit length, type, flags, stream id, payload.
+pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + payload.len());
+    v.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    v.extend_from_slice(&[kind, flags]);
+    v.extend_from_slice(&stream.to_be_bytes());
+    v.extend_from_slice(payload);
+    v
 }
